@@ -1,0 +1,3 @@
+from fedsky.cli import main
+
+main()

@@ -1,0 +1,161 @@
+"""The `fedsky` command. Every user-facing error is one clear message and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedsky.errors import FedskyError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Federated training of language models across clouds.")
+
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a job field, e.g. --set rounds=5 --set sites.0.share=2")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, show_time=False)
+        fmt = "%(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.WARNING, format=fmt, handlers=[handler], force=True)
+    logging.getLogger("fedsky").setLevel(level)
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"\nfinal eval loss {summary['final_eval_loss']:.4f}  "
+          f"perplexity {summary['final_perplexity']:.1f}  "
+          f"accuracy {summary['final_accuracy']:.3f}  "
+          f"({summary['rounds_completed']} rounds, {summary['bytes_total'] / 1e6:.1f} MB moved, "
+          f"{summary['elapsed_s']:.0f}s)")
+    print(f"outputs in {summary['output_dir']}/: summary.json, metrics.jsonl, "
+          f"checkpoint.safetensors, model/")
+
+
+@app.command()
+def run(
+    job_file: Annotated[Path, typer.Argument(help="The job's TOML file")],
+    set_: SetOpt = None,
+    transport: Annotated[str | None, typer.Option(
+        help="inprocess (default) or grpc: coordinator and one process per site on loopback"
+    )] = None,
+    centralized: Annotated[bool, typer.Option(
+        "--centralized", help="Train on the sites' pooled data in one process instead")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run a job: federated (simulated or over gRPC) or centralized."""
+    from fedsky.config import load_job
+    from fedsky.runner import run_centralized, run_federated
+
+    overrides = list(set_ or [])
+    if transport is not None:
+        overrides.append(f"transport.kind={transport}")
+    job, job_dir = load_job(job_file, overrides)
+    _setup_logging(verbose)
+    if centralized:
+        summary = run_centralized(job, job_dir)
+    else:
+        summary = run_federated(job, job_dir, job.transport.kind)
+    _print_summary(summary)
+
+
+@app.command()
+def coordinator(
+    job_file: Annotated[Path, typer.Argument(help="The job's TOML file")],
+    set_: SetOpt = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind")] = None,
+    tokens: Annotated[Path | None, typer.Option(
+        help="JSON file {site: secret}; default: new secrets written to OUTPUT_DIR/site-tokens.json"
+    )] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the coordinator of a job over gRPC; sites join with `fedsky worker`."""
+    from fedsky.config import load_job
+    from fedsky.runner import new_tokens, run_federated
+
+    overrides = list(set_ or []) + ["transport.kind=grpc"]
+    if port is not None:
+        overrides.append(f"transport.port={port}")
+    if host is not None:
+        overrides.append(f'transport.host="{host}"')
+    job, job_dir = load_job(job_file, overrides)
+    _setup_logging(verbose)
+    if tokens is not None:
+        try:
+            site_tokens = json.loads(tokens.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise FedskyError(f"--tokens {tokens}: cannot read a JSON object: {err}") from None
+        missing = [s.name for s in job.sites if s.name not in site_tokens]
+        if missing:
+            raise FedskyError(f"--tokens {tokens}: no secret for site(s) {', '.join(missing)}")
+    else:
+        site_tokens = new_tokens(job)
+        out = Path(job.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "site-tokens.json"
+        path.write_text(json.dumps(site_tokens, indent=2))
+        path.chmod(0o600)
+        print(f"site secrets written to {path} (mode 600): give each site only its own",
+              file=sys.stderr)
+    _print_summary(run_federated(job, job_dir, "grpc", tokens=site_tokens))
+
+
+@app.command()
+def worker(
+    coordinator: Annotated[str, typer.Option("--coordinator", help="HOST:PORT")],
+    site: Annotated[str, typer.Option("--site", help="This site's name in the job")],
+    token_file: Annotated[Path | None, typer.Option(
+        help="File holding this site's secret (default: $FEDSKY_TOKEN)")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(
+        help="CA certificate (PEM) to verify the coordinator; enables TLS")] = None,
+    data: Annotated[str | None, typer.Option(
+        help="This site's own data file, instead of the job's data for it")] = None,
+    retries: Annotated[int, typer.Option(help="Connection attempts before giving up")] = 5,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run one site: dial the coordinator, train on local data each round, send updates."""
+    from fedsky.site import site_factory
+    from fedsky.transport.grpc_worker import serve_site
+
+    _setup_logging(verbose)
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as err:
+            raise FedskyError(f"--token-file: {err}") from None
+    else:
+        token = os.environ.get("FEDSKY_TOKEN", "")
+    if not token:
+        raise FedskyError("no site secret: set FEDSKY_TOKEN or pass --token-file")
+    serve_site(coordinator, site, token, site_factory(data),
+               tls_ca=str(tls_ca) if tls_ca else None, connect_retries=retries)
+
+
+def main() -> None:
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+    except FedskyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as err:  # usage errors: exit 2 with click's message
+        err.show()
+        sys.exit(err.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,251 @@
+"""The job: one typed, validated config tree loaded from TOML.
+
+Everything a run needs is here, validated once at load time, so that a bad field fails before
+any data is read or any process is started. Errors are collected, not raised one by one.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedsky.errors import FedskyError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraConfig(Strict):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["c_attn"])
+
+
+class ModelConfig(Strict):
+    """A causal LM built from a small config (`arch`) or loaded from a local directory."""
+
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    pretrained: str | None = None  # local directory with a transformers model; overrides arch
+    n_layer: int = Field(2, gt=0)
+    n_embd: int = Field(128, gt=0)
+    n_head: int = Field(4, gt=0)
+    context: int = Field(256, gt=0)  # maximum positions
+    dropout: float = Field(0.0, ge=0, lt=1)
+    lora: LoraConfig | None = None
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.pretrained is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        return self
+
+
+class TokenizerConfig(Strict):
+    """Train a byte-level BPE on public text, or load a pretrained tokenizer from a directory."""
+
+    pretrained: str | None = None
+    vocab_size: int = Field(4096, ge=300)
+    # Which text the BPE is trained on: "eval" (the held-out public split), "train" (the pooled
+    # training corpus: fine for a simulation, not for a real federation), or a file path.
+    train_on: str = "eval"
+
+
+class DataConfig(Strict):
+    format: Literal["wikitext", "text", "csv", "hf"] = "wikitext"
+    train: str = "wikitext-2/valid.txt"  # path (or HF dataset name with format = "hf")
+    eval: str | None = None  # None: hold out the last eval_fraction of the train documents
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    text_column: int | str = 0  # csv: column index or header name
+    label_column: int | str | None = None  # csv: used by the dirichlet partitioner
+    csv_header: bool = True
+    hf_split: str = "train"
+    hf_eval_split: str = "validation"
+    partition: Literal["iid", "contiguous", "dirichlet", "capacity"] = "contiguous"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    eval_sequences: int = Field(128, gt=0)  # cap on held-out sequences evaluated each round
+    # When the corpus is nowhere to be found, use English text that ships with Python (the
+    # demo sets this so it runs offline anywhere); otherwise a missing path is an error.
+    fallback: bool = False
+
+
+class SiteProfile(Strict):
+    """What a site declares about itself. `compute` is relative speed (capacity partitioning)."""
+
+    compute: float = Field(1.0, gt=0)
+    bandwidth_mbps: float = Field(1000.0, gt=0)
+    latency_ms: float = Field(0.0, ge=0)
+
+
+class SiteConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    share: float = Field(1.0, gt=0)  # relative data share (size skew); ignored with `path`
+    path: str | None = None  # the site's own data file instead of a share of the corpus
+    profile: SiteProfile = SiteProfile()
+
+
+class TrainingConfig(Strict):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    local_steps: int = Field(10, gt=0)
+    batch_size: int = Field(16, gt=0)
+    seq_len: int = Field(64, gt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class StrategyConfig(Strict):
+    name: Literal["fedavg"] = "fedavg"
+    weighting: Literal["sequences", "uniform"] = "sequences"
+
+
+class CodecConfig(Strict):
+    """How an update is encoded on the wire; later issues add compression, DP and encryption."""
+
+    name: Literal["identity", "fp16"] = "identity"
+
+
+class CoordinatorConfig(Strict):
+    min_sites: int = Field(1, gt=0)  # quorum: fewer updates than this and the round is skipped
+    sites_per_round: int | None = Field(None, gt=0)  # None: every site, every round
+    round_deadline_s: float = Field(600.0, gt=0)
+    join_timeout_s: float = Field(120.0, gt=0)  # gRPC: how long to wait for sites to connect
+
+
+class TransportConfig(Strict):
+    kind: Literal["inprocess", "grpc"] = "inprocess"
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)  # 0: pick a free port
+    chunk_bytes: int = Field(1 << 20, ge=1024, le=1 << 22)
+    tls_cert: str | None = None  # coordinator certificate (PEM); with tls_key, enables TLS
+    tls_key: str | None = None
+    tls_ca: str | None = None  # what workers trust; defaults to tls_cert (self-signed)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> TransportConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key, or neither")
+        return self
+
+
+class JobConfig(Strict):
+    name: str = "job"
+    seed: int = 0
+    rounds: int = Field(10, gt=0)
+    output_dir: str = "runs/job"
+    model: ModelConfig = ModelConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig = DataConfig()
+    sites: list[SiteConfig] = Field(min_length=1)
+    training: TrainingConfig = TrainingConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    codec: CodecConfig = CodecConfig()
+    coordinator: CoordinatorConfig = CoordinatorConfig()
+    transport: TransportConfig = TransportConfig()
+
+    @field_validator("sites")
+    @classmethod
+    def _unique_names(cls, sites: list[SiteConfig]) -> list[SiteConfig]:
+        names = [s.name for s in sites]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"site names must be unique; repeated: {', '.join(dupes)}")
+        return sites
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> JobConfig:
+        if self.coordinator.min_sites > len(self.sites):
+            raise ValueError(
+                f"coordinator.min_sites ({self.coordinator.min_sites}) exceeds the number of "
+                f"sites ({len(self.sites)})"
+            )
+        per_round = self.coordinator.sites_per_round
+        if per_round is not None and per_round < self.coordinator.min_sites:
+            raise ValueError("coordinator.sites_per_round is below coordinator.min_sites")
+        if self.training.seq_len > self.model.context and self.model.pretrained is None:
+            raise ValueError(
+                f"training.seq_len ({self.training.seq_len}) exceeds model.context "
+                f"({self.model.context})"
+            )
+        if self.data.partition == "dirichlet" and self.data.label_column is None:
+            raise ValueError("data.partition = 'dirichlet' needs data.label_column")
+        return self
+
+
+_HINTS = {
+    "extra_forbidden": "unknown key: check the spelling against docs/config.md",
+    "missing": "this field is required",
+    "literal_error": "use one of the allowed values",
+}
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """Every problem on its own line: `source: path.to.field: message (hint)`."""
+    lines = [f"{source}: {err.error_count()} invalid field(s)"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        hint = _HINTS.get(e["type"])
+        lines.append(f"  {path}: {msg}" + (f" ({hint})" if hint else ""))
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are TOML literals when they parse as such, else plain strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; `sites.0.share=2` indexes into lists."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise FedskyError(f"--set {item!r}: expected KEY=VALUE, e.g. --set rounds=5")
+        node: Any = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise FedskyError(f"--set {key}: {part!r} is not an index of that list")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise FedskyError(f"--set {key}: {part!r} is a value, not a table")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise FedskyError(f"--set {key}: {last!r} is not an index of that list")
+            node[int(last)] = _parse_value(value)
+        else:
+            node[last] = _parse_value(value)
+    return raw
+
+
+def parse_job(raw: dict[str, Any], source: str = "job") -> JobConfig:
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise FedskyError(format_validation_error(err, source)) from None
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> tuple[JobConfig, Path]:
+    """Read, override and validate a job file; returns the config and the job file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedskyError(f"job file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise FedskyError(f"{path}: not valid TOML: {err}") from None
+    raw = apply_overrides(raw, overrides or [])
+    return parse_job(raw, str(path)), path.resolve().parent

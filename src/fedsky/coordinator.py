@@ -1,0 +1,144 @@
+"""The synchronous round loop: select, send, gather, decode, aggregate, evaluate, checkpoint.
+
+One function, read top to bottom. It knows nothing of processes or sockets (the transport)
+nor of how updates are combined (the strategy) or encoded (the codec).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsky.checkpoint import save_checkpoint
+from fedsky.codecs import Codec
+from fedsky.config import JobConfig
+from fedsky.errors import FedskyError
+from fedsky.evaluation import evaluate
+from fedsky.metrics import RunLog
+from fedsky.model import load_trainable
+from fedsky.strategies import Params, SiteUpdate, Strategy
+from fedsky.transport.base import Transport
+from fedsky.wire import pack, unpack
+
+log = logging.getLogger("fedsky.coordinator")
+
+
+@dataclass
+class RoundContext:
+    """What the loop needs besides the job: the global model and where things go."""
+
+    model: torch.nn.Module  # holds the global trainable tensors between rounds, for evaluation
+    eval_data: torch.Tensor  # (N, T)
+    device: torch.device
+    strategy: Strategy
+    codec: Codec
+    log: RunLog
+    checkpoint_path: Path
+
+
+def select_sites(job: JobConfig, round_idx: int, available: list[str]) -> list[str]:
+    """All available sites, or a seeded sample of `sites_per_round` in config order."""
+    k = job.coordinator.sites_per_round
+    if k is None or k >= len(available):
+        return list(available)
+    rng = np.random.default_rng([job.seed, round_idx])
+    chosen = set(rng.choice(len(available), size=k, replace=False).tolist())
+    return [s for i, s in enumerate(available) if i in chosen]
+
+
+def decode_reply(blob: bytes, round_idx: int, site: str, global_params: Params,
+                 codec: Codec) -> SiteUpdate:
+    """Validate at the boundary: right round and site, same names and shapes, finite values."""
+    tensors, header = unpack(blob)
+    if header.get("round") != round_idx or header.get("site") != site:
+        raise FedskyError(f"reply from {site} is for round {header.get('round')} "
+                          f"of site {header.get('site')}, expected round {round_idx}")
+    delta = codec.decode(tensors, header.get("codec", {}))
+    if delta.keys() != global_params.keys():
+        raise FedskyError(f"update from {site} has different tensor names")
+    for name, t in delta.items():
+        if t.shape != global_params[name].shape:
+            raise FedskyError(f"update from {site}: {name} has shape {tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise FedskyError(f"update from {site}: {name} has NaN or Inf values")
+    return SiteUpdate(
+        site=site,
+        delta=delta,
+        num_samples=int(header["num_samples"]),
+        tokens=int(header["tokens"]),
+        train_loss=float(header["train_loss"]),
+        compute_s=float(header["compute_s"]),
+    )
+
+
+def run_rounds(
+    job: JobConfig,
+    transport: Transport,
+    sites: list[str],
+    global_params: Params,
+    ctx: RoundContext,
+    state: dict[str, Any],
+    start_round: int = 0,
+) -> Params:
+    """Run rounds `start_round .. job.rounds - 1`; returns the final global tensors."""
+    for r in range(start_round, job.rounds):
+        t0 = time.perf_counter()
+        selected = select_sites(job, r, sites)
+        task = pack(global_params, {"round": r})
+        replies = transport.exchange(r, {s: task for s in selected},
+                                     job.coordinator.round_deadline_s)
+
+        updates: list[SiteUpdate] = []
+        rejected: dict[str, str] = {}
+        for site in selected:  # config order, whatever order replies came in
+            if site in replies:
+                try:
+                    updates.append(decode_reply(replies[site], r, site, global_params, ctx.codec))
+                except FedskyError as err:
+                    rejected[site] = str(err)
+                    log.warning("round %d: rejected update from %s: %s", r, site, err)
+        dropped = [s for s in selected if s not in replies] + sorted(rejected)
+        rec: dict[str, Any] = {
+            "round": r,
+            "selected": selected,
+            "participants": [u.site for u in updates],
+            "dropped": dropped,
+            "bytes_down": {s: len(task) for s in selected},
+            "bytes_up": {s: len(replies[s]) for s in selected if s in replies},
+        }
+        if len(updates) < job.coordinator.min_sites:
+            rec["skipped"] = (f"{len(updates)} update(s), quorum is "
+                              f"{job.coordinator.min_sites}")
+            rec["wall_s"] = time.perf_counter() - t0
+            ctx.log.round(rec)
+            continue
+
+        weights = ctx.strategy.weights(updates, state)
+        global_params, state = ctx.strategy.aggregate(global_params, updates, state)
+        round_s = time.perf_counter() - t0
+
+        t_eval = time.perf_counter()
+        load_trainable(ctx.model, global_params)
+        ev = evaluate(ctx.model, ctx.eval_data, job.training.batch_size, ctx.device)
+        save_checkpoint(ctx.checkpoint_path, r, global_params, state)
+        eval_s = time.perf_counter() - t_eval
+
+        rec.update(
+            eval_loss=ev.loss,
+            perplexity=ev.perplexity,
+            accuracy=ev.accuracy,
+            round_s=round_s,  # exchange + decode + aggregate (no evaluation)
+            eval_s=eval_s,  # evaluation + checkpoint
+            wall_s=round_s + eval_s,
+            sites={u.site: {"train_loss": u.train_loss, "tokens": u.tokens,
+                            "compute_s": u.compute_s, "num_samples": u.num_samples,
+                            "weight": weights[u.site]} for u in updates},
+        )
+        ctx.log.round(rec)
+    return global_params

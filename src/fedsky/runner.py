@@ -1,0 +1,220 @@
+"""`fedsky run`: wire a job together and run it federated (in-process or gRPC) or centralized.
+
+config -> corpus and tokenizer -> global model -> sites (handlers or processes) -> round loop
+-> final model and summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsky.checkpoint import save_checkpoint
+from fedsky.codecs import make_codec
+from fedsky.config import JobConfig
+from fedsky.coordinator import RoundContext, run_rounds
+from fedsky.data import as_hf_tokenizer
+from fedsky.errors import FedskyError
+from fedsky.evaluation import evaluate
+from fedsky.metrics import RunLog, read_metrics, summarize, write_summary
+from fedsky.model import build_model, count_parameters, load_trainable, pick_device, trainable_state
+from fedsky.site import make_setup, site_factory
+from fedsky.strategies import make_strategy
+from fedsky.training import make_optimizer, train_steps
+from fedsky.transport.inprocess import InProcessTransport
+from fedsky.workload import (
+    Tokenizer,
+    eval_sequences,
+    job_tokenizer,
+    load_job_corpus,
+    site_sequences,
+    vocab_size,
+)
+
+log = logging.getLogger("fedsky.run")
+
+
+@dataclass
+class Prepared:
+    """What the coordinator holds before round 0: never any site's training data."""
+
+    job: JobConfig
+    job_dir: Path | None
+    out_dir: Path
+    tokenizer: Tokenizer
+    model: torch.nn.Module
+    eval_data: torch.Tensor
+    device: torch.device
+    corpus: Any
+
+
+def prepare(job: JobConfig, job_dir: Path | None) -> Prepared:
+    corpus = load_job_corpus(job, job_dir)
+    log.info("corpus: %s", corpus.source)
+    tok = job_tokenizer(job, job_dir, corpus)
+    device = pick_device(job.training.device)
+    model = build_model(job.model, vocab_size(tok), job.seed).to(device)
+    trainable, total = count_parameters(model)
+    log.info("model: %s, %d trainable of %d parameters, on %s",
+             job.model.pretrained or job.model.arch, trainable, total, device)
+    out_dir = Path(job.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return Prepared(job, job_dir, out_dir, tok, model, eval_sequences(job, corpus, tok),
+                    device, corpus)
+
+
+def _finish(p: Prepared, global_params: dict[str, torch.Tensor], mode: str,
+            started: float) -> dict[str, Any]:
+    """Save the final model where transformers (or peft) can load it; write the summary."""
+    load_trainable(p.model, global_params)
+    model_dir = p.out_dir / "model"
+    p.model.save_pretrained(model_dir)
+    tok = p.tokenizer if p.job.tokenizer.pretrained else as_hf_tokenizer(p.tokenizer)
+    tok.save_pretrained(model_dir)
+    summary = summarize(read_metrics(p.out_dir), {
+        "job": p.job.name,
+        "mode": mode,
+        "seed": p.job.seed,
+        "sites": [s.name for s in p.job.sites],
+        "output_dir": str(p.out_dir),
+        "model_dir": str(model_dir),
+        "checkpoint": str(p.out_dir / "checkpoint.safetensors"),
+        "metrics": str(p.out_dir / "metrics.jsonl"),
+        "elapsed_s": time.perf_counter() - started,
+    })
+    write_summary(p.out_dir, summary)
+    return summary
+
+
+def run_federated(
+    job: JobConfig,
+    job_dir: Path | None,
+    transport_kind: str,
+    tokens: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Federated training. With gRPC and no `tokens`, one worker process per site is started
+    on loopback; with `tokens` (`fedsky coordinator`) the sites are started by their owners."""
+    started = time.perf_counter()
+    p = prepare(job, job_dir)
+    sites = [s.name for s in job.sites]
+    setup = make_setup(job, job_dir, p.tokenizer)
+    procs: list[subprocess.Popen] = []
+    if transport_kind == "grpc":
+        site_tokens = tokens or new_tokens(job)
+        transport = grpc_transport(job, site_tokens)
+        if tokens is None:
+            procs = spawn_workers(job, transport.port, site_tokens, p.out_dir)
+        else:
+            log.info("coordinator listening on %s:%d; waiting for %d sites",
+                     job.transport.host, transport.port, len(sites))
+    else:
+        transport = InProcessTransport(site_factory())
+    runlog = RunLog(p.out_dir, job.rounds, f"{job.name} ({transport_kind})")
+    try:
+        joined = transport.start(sites, setup)
+        if len(joined) < job.coordinator.min_sites:
+            raise FedskyError(f"only {len(joined)} of {len(sites)} sites joined "
+                              f"({', '.join(joined) or 'none'}); quorum is "
+                              f"{job.coordinator.min_sites}; see {p.out_dir / 'logs'}")
+        strategy = make_strategy(job.strategy)
+        global_params = trainable_state(p.model)
+        ev = evaluate(p.model, p.eval_data, job.training.batch_size, p.device)
+        runlog.info(f"initial eval loss {ev.loss:.4f} (ppl {ev.perplexity:.1f}); "
+                    f"{len(joined)} sites: {', '.join(joined)}")
+        ctx = RoundContext(p.model, p.eval_data, p.device, strategy, make_codec(job.codec),
+                           runlog, p.out_dir / "checkpoint.safetensors")
+        global_params = run_rounds(job, transport, joined, global_params, ctx,
+                                   strategy.init_state(global_params))
+    finally:
+        transport.close()
+        runlog.close()
+        _reap(procs)
+    return _finish(p, global_params, f"federated-{transport_kind}", started)
+
+
+def new_tokens(job: JobConfig) -> dict[str, str]:
+    """One random secret per site: how the coordinator knows who is on the other end."""
+    return {s.name: secrets.token_urlsafe(24) for s in job.sites}
+
+
+def grpc_transport(job: JobConfig, tokens: dict[str, str]) -> Any:
+    from fedsky.transport.grpc_coordinator import GrpcTransport
+
+    t = job.transport
+    return GrpcTransport(t.host, t.port, tokens, chunk_bytes=t.chunk_bytes,
+                         tls_cert=t.tls_cert, tls_key=t.tls_key,
+                         join_timeout_s=job.coordinator.join_timeout_s)
+
+
+def spawn_workers(job: JobConfig, port: int, tokens: dict[str, str],
+                  out_dir: Path) -> list[subprocess.Popen]:
+    """One `fedsky worker` process per site, dialing the coordinator on loopback."""
+    t = job.transport
+    logs = out_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    procs = []
+    for site in job.sites:
+        cmd = [sys.executable, "-m", "fedsky", "worker", "--coordinator",
+               f"{t.host}:{port}", "--site", site.name]
+        if t.tls_cert:
+            cmd += ["--tls-ca", t.tls_ca or t.tls_cert]
+        env = {**os.environ, "FEDSKY_TOKEN": tokens[site.name]}  # not on argv: ps shows argv
+        with open(logs / f"site-{site.name}.log", "w") as out:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _reap(procs: list[subprocess.Popen], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_centralized(job: JobConfig, job_dir: Path | None) -> dict[str, Any]:
+    """The quality ceiling: the sites' pooled data in one process, the same optimizer steps.
+
+    One federated round is (sites per round) x local_steps optimizer steps at the sites; here
+    each "round" is that many steps on the pooled data with one persistent optimizer.
+    """
+    started = time.perf_counter()
+    p = prepare(job, job_dir)
+    pooled = torch.cat(list(site_sequences(job, job_dir, p.corpus, p.tokenizer).values()))
+    per_round = (job.coordinator.sites_per_round or len(job.sites)) * job.training.local_steps
+    runlog = RunLog(p.out_dir, job.rounds, f"{job.name} (centralized)")
+    runlog.info(f"centralized: {len(pooled)} pooled sequences, {per_round} steps per round")
+    params = [q for q in p.model.parameters() if q.requires_grad]
+    opt = make_optimizer(params, job.training)
+    torch.manual_seed(job.seed)
+    gen = torch.Generator().manual_seed(job.seed)
+    try:
+        for r in range(job.rounds):
+            res = train_steps(p.model, pooled, job.training, per_round, gen, p.device, opt)
+            t_eval = time.perf_counter()
+            ev = evaluate(p.model, p.eval_data, job.training.batch_size, p.device)
+            save_checkpoint(p.out_dir / "checkpoint.safetensors", r, trainable_state(p.model), {})
+            eval_s = time.perf_counter() - t_eval
+            runlog.round({
+                "round": r, "selected": [], "participants": ["centralized"], "dropped": [],
+                "bytes_up": {}, "bytes_down": {}, "eval_loss": ev.loss,
+                "perplexity": ev.perplexity, "accuracy": ev.accuracy,
+                "round_s": res.compute_s, "eval_s": eval_s, "wall_s": res.compute_s + eval_s,
+                "sites": {"centralized": {"train_loss": res.mean_loss, "tokens": res.tokens,
+                                          "compute_s": res.compute_s,
+                                          "num_samples": len(pooled), "weight": 1.0}},
+            })
+    finally:
+        runlog.close()
+    return _finish(p, trainable_state(p.model), "centralized", started)

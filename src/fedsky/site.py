@@ -1,0 +1,115 @@
+"""A site: joins with the job's setup, then answers each round's task with an encoded update.
+
+The same handler runs inside the simulation (in-process transport) and inside a `fedsky
+worker` process (gRPC), so both paths train identically. Raw data never leaves this module:
+the reply carries only the encoded update and a few counters.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as BpeTokenizer
+
+from fedsky.codecs import Codec, make_codec
+from fedsky.config import JobConfig, parse_job
+from fedsky.data import load_pretrained_tokenizer
+from fedsky.errors import FedskyError
+from fedsky.model import build_model, load_trainable, pick_device, trainable_state
+from fedsky.training import train_steps
+from fedsky.transport.base import SiteHandler
+from fedsky.wire import pack, unpack
+from fedsky.workload import Tokenizer, load_job_corpus, site_sequences, vocab_size
+
+log = logging.getLogger("fedsky.site")
+
+
+def round_seed(job_seed: int, round_idx: int, site_index: int) -> int:
+    """A distinct, reproducible seed per (job, round, site)."""
+    return (job_seed * 1_000_003 + round_idx * 10_007 + site_index) % (2**63)
+
+
+def make_setup(job: JobConfig, job_dir: Path | None, tok: Tokenizer) -> bytes:
+    """What the coordinator hands every site on join: the job and the trained tokenizer."""
+    header = {
+        "job": job.model_dump(mode="json"),
+        "job_dir": str(job_dir) if job_dir else None,
+        # A pretrained tokenizer is loaded by path at the site; a trained BPE travels whole.
+        "tokenizer": tok.to_str() if isinstance(tok, BpeTokenizer) else None,
+    }
+    return pack({}, header)
+
+
+@dataclass
+class Site:
+    name: str
+    index: int
+    job: JobConfig
+    model: torch.nn.Module
+    data: torch.Tensor  # (N, seq_len) training sequences; never sent anywhere
+    codec: Codec
+    device: torch.device
+
+
+def open_site(name: str, setup: bytes, data_path: str | None = None) -> Site:
+    """Build a site from the setup payload: its data, its model, its codec."""
+    _, header = unpack(setup)
+    job = parse_job(header["job"], "setup from coordinator")
+    names = [s.name for s in job.sites]
+    if name not in names:
+        raise FedskyError(f"site {name!r} is not in this job; its sites are {names}")
+    job_dir = Path(header["job_dir"]) if header.get("job_dir") else None
+    if data_path is not None:  # the site's own data, given on its command line
+        sites = [s.model_copy(update={"path": data_path}) if s.name == name else s
+                 for s in job.sites]
+        job = job.model_copy(update={"sites": sites})
+    if header.get("tokenizer") is not None:
+        tok: Tokenizer = BpeTokenizer.from_str(header["tokenizer"])
+    else:
+        tok = load_pretrained_tokenizer(job.tokenizer.pretrained or "")
+    own = next(s for s in job.sites if s.name == name)
+    corpus = None if own.path is not None else load_job_corpus(job, job_dir)
+    data = site_sequences(job, job_dir, corpus, tok, names=[name])[name]
+    device = pick_device(job.training.device)
+    model = build_model(job.model, vocab_size(tok), job.seed).to(device)
+    log.info("site %s ready: %d sequences of %d tokens on %s",
+             name, len(data), job.training.seq_len, device)
+    return Site(name, names.index(name), job, model, data, make_codec(job.codec), device)
+
+
+def train_round(site: Site, task: bytes) -> bytes:
+    """One round at the site: load the global tensors, train locally, encode new - old."""
+    global_params, header = unpack(task)
+    round_idx = int(header["round"])
+    load_trainable(site.model, global_params)
+    seed = round_seed(site.job.seed, round_idx, site.index)
+    torch.manual_seed(seed)  # dropout
+    gen = torch.Generator().manual_seed(seed)  # batch sampling
+    result = train_steps(site.model, site.data, site.job.training,
+                         site.job.training.local_steps, gen, site.device)
+    new = trainable_state(site.model)
+    delta = {k: new[k] - global_params[k] for k in new}
+    tensors, codec_header = site.codec.encode(delta)
+    return pack(tensors, {
+        "round": round_idx,
+        "site": site.name,
+        "codec": codec_header,
+        "num_samples": len(site.data),
+        "tokens": result.tokens,
+        "steps": result.steps,
+        "train_loss": result.mean_loss,
+        "compute_s": result.compute_s,
+    })
+
+
+def site_factory(data_path: str | None = None):
+    """A SiteFactory for the transports: opens the site, returns its round handler."""
+
+    def factory(name: str, setup: bytes) -> SiteHandler:
+        site = open_site(name, setup, data_path)
+        return lambda task: train_round(site, task)
+
+    return factory

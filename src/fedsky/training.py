@@ -1,0 +1,70 @@
+"""Local training on a site: a plain PyTorch loop over the site's own sequences."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fedsky.config import TrainingConfig
+
+
+@dataclass
+class LocalResult:
+    """What one round of local training produced (the update is computed by the caller)."""
+
+    steps: int
+    sequences: int  # sequences processed (steps * batch)
+    tokens: int  # tokens processed
+    mean_loss: float
+    compute_s: float  # wall seconds spent in the training loop
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_steps(
+    model: torch.nn.Module,
+    data: torch.Tensor,
+    cfg: TrainingConfig,
+    steps: int,
+    generator: torch.Generator,
+    device: torch.device,
+    opt: torch.optim.Optimizer | None = None,
+) -> LocalResult:
+    """Run `steps` optimizer steps on batches sampled (with replacement) from `data` (N, T).
+
+    Sites pass no optimizer and get a fresh one each round: they keep no state between
+    rounds, so a site that restarts loses nothing. Centralized training passes its own.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = opt if opt is not None else make_optimizer(params, cfg)
+    model.train()
+    losses = torch.zeros((), device=device)
+    tokens = 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randint(len(data), (cfg.batch_size,), generator=generator)
+        batch = data[idx].to(device, non_blocking=True)  # (B, T)
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        losses += loss.detach()
+        tokens += batch.numel()
+    mean_loss = float(losses) / steps  # one device sync, after the loop
+    return LocalResult(
+        steps=steps,
+        sequences=steps * cfg.batch_size,
+        tokens=tokens,
+        mean_loss=mean_loss,
+        compute_s=time.perf_counter() - start,
+    )

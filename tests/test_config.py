@@ -1,0 +1,100 @@
+"""Job config: validation, overrides, and the CLI's one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import fedsky_cmd, tiny_job
+from fedsky.config import load_job
+from fedsky.errors import FedskyError
+
+
+def test_valid_job_loads_with_defaults(tmp_path: Path, corpus_file: Path) -> None:
+    job, job_dir = load_job(tiny_job(tmp_path, corpus_file))
+    assert [s.name for s in job.sites] == ["a", "b", "c"]
+    assert job.strategy.name == "fedavg" and job.transport.kind == "inprocess"
+    assert job_dir == tmp_path.resolve()
+
+
+def test_overrides_reach_nested_fields_and_lists(tmp_path: Path, corpus_file: Path) -> None:
+    job, _ = load_job(tiny_job(tmp_path, corpus_file),
+                      ["rounds=5", "training.lr=0.01", "sites.1.share=2.5", 'name="x"'])
+    assert job.rounds == 5 and job.training.lr == 0.01
+    assert job.sites[1].share == 2.5 and job.name == "x"
+
+
+def test_every_invalid_field_is_reported_at_once(tmp_path: Path, corpus_file: Path) -> None:
+    path = tiny_job(tmp_path, corpus_file, "bogus_key = 1\noptimizer = \"adam9\"")
+    with pytest.raises(FedskyError) as err:
+        load_job(path, ["rounds=-1"])
+    text = str(err.value)
+    assert "3 invalid field(s)" in text
+    assert "training.bogus_key" in text and "unknown key" in text
+    assert "training.optimizer" in text and "rounds" in text
+
+
+def test_cross_field_rules(tmp_path: Path, corpus_file: Path) -> None:
+    path = tiny_job(tmp_path, corpus_file)
+    with pytest.raises(FedskyError, match="min_sites"):
+        load_job(path, ["coordinator.min_sites=4"])
+    with pytest.raises(FedskyError, match="seq_len"):
+        load_job(path, ["training.seq_len=64"])
+    with pytest.raises(FedskyError, match="label_column"):
+        load_job(path, ['data.partition="dirichlet"'])
+    with pytest.raises(FedskyError, match="unique"):
+        load_job(path, ['sites.1.name="a"'])
+
+
+def test_bad_override_syntax(tmp_path: Path, corpus_file: Path) -> None:
+    with pytest.raises(FedskyError, match="KEY=VALUE"):
+        load_job(tiny_job(tmp_path, corpus_file), ["rounds"])
+    with pytest.raises(FedskyError, match="not an index"):
+        load_job(tiny_job(tmp_path, corpus_file), ["sites.9.share=1"])
+
+
+def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(fedsky_cmd(*args), cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["--set", "nonsense=1"], "nonsense: Extra inputs are not permitted"),
+        (["--set", 'data.train="no/such/file.txt"'], "no/such/file.txt"),
+        (["--set", "sites.0.share=0.0001"], "site 0 gets no documents"),
+    ],
+    ids=["unknown-key", "missing-data-path", "site-with-no-document"],
+)
+def test_cli_bad_input_is_one_clear_error(tmp_path: Path, corpus_file: Path,
+                                          overrides: list[str], expected: str) -> None:
+    job = tiny_job(tmp_path, corpus_file)
+    proc = _run_cli("run", str(job), *overrides, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_site_with_zero_sequences(tmp_path: Path, corpus_file: Path) -> None:
+    small = tmp_path / "small.txt"
+    small.write_text("only a handful of words here")
+    proc = _run_cli("run", str(tiny_job(tmp_path, corpus_file)),
+                    "--set", f'sites.2.path="{small}"', cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "site c has 0 training sequences" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_empty_corpus(tmp_path: Path, corpus_file: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    proc = _run_cli("run", str(tiny_job(tmp_path, empty)), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "empty" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_missing_job_file(tmp_path: Path) -> None:
+    proc = _run_cli("run", str(tmp_path / "nope.toml"), cwd=tmp_path)
+    assert proc.returncode == 2 and "job file not found" in proc.stderr
