@@ -61,6 +61,7 @@ batch_size = 4
 seq_len = 32
 {extra}
 {site_tables}'''
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "job.toml"
     path.write_text(text)
     return path

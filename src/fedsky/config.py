@@ -98,6 +98,9 @@ class TrainingConfig(Strict):
     seq_len: int = Field(64, gt=1)
     grad_clip: float | None = Field(1.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CPU threads per process (None: torch's default). Float sums depend on the thread count,
+    # so runs compare bit for bit only at equal counts; 1 suits several sites on one machine.
+    threads: int | None = Field(None, gt=0)
 
 
 class StrategyConfig(Strict):

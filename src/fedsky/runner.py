@@ -58,6 +58,8 @@ class Prepared:
 
 
 def prepare(job: JobConfig, job_dir: Path | None) -> Prepared:
+    if job.training.threads is not None:
+        torch.set_num_threads(job.training.threads)
     corpus = load_job_corpus(job, job_dir)
     log.info("corpus: %s", corpus.source)
     tok = job_tokenizer(job, job_dir, corpus)

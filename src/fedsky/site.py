@@ -74,6 +74,8 @@ def open_site(name: str, setup: bytes, data_path: str | None = None) -> Site:
     corpus = None if own.path is not None else load_job_corpus(job, job_dir)
     data = site_sequences(job, job_dir, corpus, tok, names=[name])[name]
     device = pick_device(job.training.device)
+    if job.training.threads is not None:
+        torch.set_num_threads(job.training.threads)
     model = build_model(job.model, vocab_size(tok), job.seed).to(device)
     log.info("site %s ready: %d sequences of %d tokens on %s",
              name, len(data), job.training.seq_len, device)
@@ -101,7 +103,8 @@ def train_round(site: Site, task: bytes) -> bytes:
         "tokens": result.tokens,
         "steps": result.steps,
         "train_loss": result.mean_loss,
-        "compute_s": result.compute_s,
+        # Fixed width, so that payload sizes (and the byte metrics) do not depend on timing.
+        "compute_s": f"{result.compute_s:015.6f}",
     })
 
 

@@ -1,0 +1,312 @@
+"""The gRPC transport over real loopback sockets, with sites running in threads of this process.
+
+Deadlines here only ever decide *whether* a reply counts, never how fast something was.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from fedsky.errors import FedskyError
+from fedsky.transport import frames
+from fedsky.transport.base import SiteFactory, SiteHandler
+from fedsky.transport.frames import Kind, Message
+from fedsky.transport.grpc_coordinator import GrpcTransport
+from fedsky.transport.grpc_worker import serve_site
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENS = {"a": "token-a-3f9c", "b": "token-b-81d0", "c": "token-c-5e27"}
+LONG_S = 30.0  # a deadline no healthy loopback round comes near
+
+
+def tagging_factory(site: str, setup: bytes) -> SiteHandler:
+    """Each reply names its site and setup and reverses the task, so a mix-up shows."""
+    return lambda task: b"|".join([site.encode(), setup, task[::-1]])
+
+
+def expected_reply(site: str, setup: bytes, task: bytes) -> bytes:
+    return b"|".join([site.encode(), setup, task[::-1]])
+
+
+def never_called(site: str, setup: bytes) -> SiteHandler:
+    raise AssertionError("a refused or unconnected site must never be set up")
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="test-site") as executor:
+        yield executor
+
+
+@pytest.fixture
+def coordinator(pool: ThreadPoolExecutor) -> Iterator[Callable[..., GrpcTransport]]:
+    """Builds coordinators on 127.0.0.1 with a free port; closes them before the sites' pool."""
+    made: list[GrpcTransport] = []
+
+    def make(**kwargs: object) -> GrpcTransport:
+        kwargs = {"host": "127.0.0.1", "port": 0, "tokens": TOKENS, **kwargs}
+        made.append(GrpcTransport(**kwargs))  # type: ignore[arg-type]
+        return made[-1]
+
+    yield make
+    for transport in made:
+        transport.close()
+
+
+def spawn(
+    pool: ThreadPoolExecutor,
+    transport: GrpcTransport,
+    site: str,
+    factory: SiteFactory,
+    **kwargs: object,
+) -> Future[None]:
+    """Run `serve_site` for `site` on a pool thread; its Future re-raises what it raised."""
+    kwargs = {"token": TOKENS[site], **kwargs}
+    return pool.submit(serve_site, f"127.0.0.1:{transport.port}", site, factory=factory, **kwargs)
+
+
+def test_round_trip_three_sites(coordinator, pool) -> None:
+    transport = coordinator()
+    sites = [spawn(pool, transport, s, tagging_factory) for s in ("a", "b", "c")]
+
+    assert sorted(transport.start(["a", "b", "c"], b"setup")) == ["a", "b", "c"]
+    for round_idx in (1, 2):
+        tasks = {s: f"task {round_idx} for {s}".encode() for s in ("a", "b", "c")}
+        replies = transport.exchange(round_idx, tasks, deadline_s=LONG_S)
+        assert replies == {s: expected_reply(s, b"setup", t) for s, t in tasks.items()}
+
+    transport.close()
+    for site in sites:
+        assert site.result(timeout=LONG_S) is None  # DONE ends each site normally
+
+
+def test_payload_over_64_mb_is_chunked_and_byte_exact(coordinator, pool) -> None:
+    transport = coordinator(chunk_bytes=1 << 20)
+    spawn(pool, transport, "a", lambda site, setup: lambda task: task[::-1], chunk_bytes=1 << 20)
+    big = random.Random(0).randbytes(70 << 20)
+    transport.start(["a"], b"")
+
+    replies = transport.exchange(1, {"a": big}, deadline_s=LONG_S)
+
+    assert replies["a"] == big[::-1]
+
+
+def test_late_site_is_absent_and_its_late_reply_is_discarded(coordinator, pool, caplog) -> None:
+    release = threading.Event()
+
+    def factory(site: str, setup: bytes) -> SiteHandler:
+        def handle(task: bytes) -> bytes:
+            if task == b"stall":
+                release.wait(LONG_S)  # held until round 1 is over, so it is surely late
+            return f"{site} answers {task.decode()}".encode()
+
+        return handle
+
+    transport = coordinator()
+    spawn(pool, transport, "a", factory)
+    spawn(pool, transport, "b", factory)
+    transport.start(["a", "b"], b"")
+
+    first = transport.exchange(1, {"a": b"one", "b": b"stall"}, deadline_s=1.0)
+    assert first == {"a": b"a answers one"}
+
+    release.set()  # b now replies to round 1, then gets round 2's task
+    with caplog.at_level(logging.INFO, logger="fedsky.transport"):
+        second = transport.exchange(2, {"a": b"two", "b": b"two"}, deadline_s=LONG_S)
+    assert second == {"a": b"a answers two", "b": b"b answers two"}
+    assert "discarded a REPLY from site b for round 1" in caplog.text
+
+
+def test_failing_handler_is_absent_and_site_keeps_serving(coordinator, pool, caplog) -> None:
+    def factory(site: str, setup: bytes) -> SiteHandler:
+        def handle(task: bytes) -> bytes:
+            if task == b"boom":
+                raise ValueError("out of memory on shard 3")
+            return task
+
+        return handle
+
+    transport = coordinator()
+    site = spawn(pool, transport, "a", factory)
+    transport.start(["a"], b"")
+
+    with caplog.at_level(logging.WARNING, logger="fedsky.transport"):
+        assert transport.exchange(1, {"a": b"boom"}, deadline_s=LONG_S) == {}
+    assert "site a failed: out of memory on shard 3" in caplog.text
+    assert transport.exchange(2, {"a": b"fine"}, deadline_s=LONG_S) == {"a": b"fine"}
+    assert not site.done()
+
+
+def test_site_that_drops_out_can_rejoin_and_gets_setup_again(coordinator, pool) -> None:
+    def broken(site: str, setup: bytes) -> SiteHandler:
+        raise RuntimeError("no GPU on this node")
+
+    rejoined = threading.Event()
+
+    def working(site: str, setup: bytes) -> SiteHandler:
+        assert setup == b"setup"
+        rejoined.set()
+        return lambda task: task + b"!"
+
+    transport = coordinator()
+    first = spawn(pool, transport, "a", broken)
+    assert transport.start(["a"], b"setup") == ["a"]
+    with pytest.raises(RuntimeError, match="no GPU"):
+        first.result(timeout=LONG_S)
+    # Returns once the coordinator has seen the site leave, so it may join again.
+    assert transport.exchange(1, {"a": b"x"}, deadline_s=LONG_S) == {}
+
+    spawn(pool, transport, "a", working)
+    assert rejoined.wait(LONG_S)
+    assert transport.exchange(2, {"a": b"x"}, deadline_s=LONG_S) == {"a": b"x!"}
+
+
+def test_wrong_token_and_unknown_site_are_refused(coordinator, caplog) -> None:
+    transport = coordinator(join_timeout_s=0.5)
+    address = f"127.0.0.1:{transport.port}"
+
+    with caplog.at_level(logging.INFO, logger="fedsky.transport"):
+        with pytest.raises(FedskyError, match="refused site 'a': wrong token"):
+            serve_site(address, "a", "stolen-guess", never_called)
+        with pytest.raises(FedskyError, match="refused site 'mallory': unknown site"):
+            serve_site(address, "mallory", TOKENS["a"], never_called)
+        assert transport.start(["a", "b"], b"") == []
+
+    assert "2 of 2 sites did not join" in caplog.text
+    assert "stolen-guess" not in caplog.text and TOKENS["a"] not in caplog.text
+
+
+def test_second_connection_for_a_site_is_refused(coordinator, pool) -> None:
+    transport = coordinator()
+    spawn(pool, transport, "a", tagging_factory)
+    assert transport.start(["a"], b"") == ["a"]
+
+    with pytest.raises(FedskyError, match="refused site 'a': site 'a' is already connected"):
+        serve_site(f"127.0.0.1:{transport.port}", "a", TOKENS["a"], never_called)
+    assert transport.exchange(1, {"a": b"still"}, deadline_s=LONG_S) == {
+        "a": expected_reply("a", b"", b"still")
+    }
+
+
+def test_port_in_use_is_a_clear_error(coordinator) -> None:
+    first = coordinator()
+    with pytest.raises(FedskyError, match=f"port {first.port} on 127.0.0.1 is already in use"):
+        GrpcTransport("127.0.0.1", first.port, TOKENS)
+
+
+def test_unreachable_coordinator_gives_up_after_bounded_retries() -> None:
+    with socket.socket() as probe:  # a port nothing listens on once the probe is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(FedskyError, match=f"cannot reach coordinator at 127.0.0.1:{port} after 2"):
+        serve_site(f"127.0.0.1:{port}", "a", TOKENS["a"], never_called, connect_retries=2)
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[str, str]:
+    """A certificate for localhost / 127.0.0.1 that is its own CA; returns (cert, key) paths."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+def test_round_trip_over_tls(coordinator, pool, self_signed) -> None:
+    cert, key = self_signed
+    transport = coordinator(tls_cert=cert, tls_key=key)
+    site = spawn(pool, transport, "a", tagging_factory, tls_ca=cert)
+    assert transport.start(["a"], b"tls") == ["a"]
+    assert transport.exchange(1, {"a": b"secret"}, deadline_s=LONG_S) == {
+        "a": expected_reply("a", b"tls", b"secret")
+    }
+
+    # The coordinator accepts TLS only: a plaintext site never gets through.
+    with pytest.raises(FedskyError, match="cannot reach coordinator"):
+        serve_site(f"127.0.0.1:{transport.port}", "b", TOKENS["b"], never_called,
+                   connect_retries=1)
+    transport.close()
+    assert site.result(timeout=LONG_S) is None
+
+
+def reply_frames(payload: bytes, chunk_bytes: int) -> list[frames.Frame]:
+    return list(frames.to_frames(Message(Kind.REPLY, "a", 7, payload=payload), chunk_bytes))
+
+
+def test_frames_round_trip_in_small_chunks() -> None:
+    payload = bytes(range(10))
+    chunks = reply_frames(payload, chunk_bytes=4)
+    assert [len(f.data) for f in chunks] == [4, 4, 2]
+    assert frames.read_message(iter(chunks)) == Message(Kind.REPLY, "a", 7, payload=payload)
+    assert frames.read_message(iter([])) is None
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "max_bytes", "error"),
+    [
+        (lambda fs: [fs[0], fs[2]], None, "missing chunks before chunk 2"),
+        (lambda fs: [fs[0], fs[0], fs[1], fs[2]], None, "duplicate chunk 0"),
+        (lambda fs: fs[:2], None, "stream ended in the middle"),
+        (lambda fs: fs, 9, "over the 9-byte payload limit"),
+    ],
+    ids=["gap", "duplicate", "truncated", "oversized"],
+)
+def test_frames_reject_a_broken_chunk_stream(corrupt, max_bytes, error) -> None:
+    chunks = corrupt(reply_frames(bytes(10), chunk_bytes=4))
+    limit = {} if max_bytes is None else {"max_bytes": max_bytes}
+    with pytest.raises(FedskyError, match=error):
+        frames.read_message(iter(chunks), **limit)
+
+
+def test_generated_stubs_are_current(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHON": sys.executable}
+    subprocess.run(["bash", "scripts/gen_proto.sh", str(tmp_path)], cwd=REPO, env=env, check=True)
+    fresh = sorted(p.name for p in (tmp_path / "fedsky/transport").iterdir())
+    assert fresh == ["fedsky_pb2.py", "fedsky_pb2.pyi", "fedsky_pb2_grpc.py"]
+    for name in fresh:
+        committed = REPO / "src/fedsky/transport" / name
+        assert (tmp_path / "fedsky/transport" / name).read_bytes() == committed.read_bytes(), (
+            f"{committed} is stale: run scripts/gen_proto.sh and commit the result"
+        )
