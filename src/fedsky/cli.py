@@ -57,13 +57,14 @@ def run(
 ) -> None:
     """Run a job: federated (simulated or over gRPC) or centralized."""
     from fedsky.config import load_job
-    from fedsky.runner import run_centralized, run_federated
 
     overrides = list(set_ or [])
     if transport is not None:
         overrides.append(f"transport.kind={transport}")
-    job, job_dir = load_job(job_file, overrides)
+    job, job_dir = load_job(job_file, overrides)  # fail fast, before the heavy imports
     _setup_logging(verbose)
+    from fedsky.runner import run_centralized, run_federated
+
     if centralized:
         summary = run_centralized(job, job_dir)
     else:
@@ -84,7 +85,6 @@ def coordinator(
 ) -> None:
     """Run the coordinator of a job over gRPC; sites join with `fedsky worker`."""
     from fedsky.config import load_job
-    from fedsky.runner import new_tokens, run_federated
 
     overrides = list(set_ or []) + ["transport.kind=grpc"]
     if port is not None:
@@ -93,6 +93,8 @@ def coordinator(
         overrides.append(f'transport.host="{host}"')
     job, job_dir = load_job(job_file, overrides)
     _setup_logging(verbose)
+    from fedsky.runner import new_tokens, run_federated
+
     if tokens is not None:
         try:
             site_tokens = json.loads(tokens.read_text())
@@ -127,10 +129,11 @@ def worker(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run one site: dial the coordinator, train on local data each round, send updates."""
-    from fedsky.site import site_factory
-    from fedsky.transport.grpc_worker import serve_site
-
     _setup_logging(verbose)
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FedskyError(f"--coordinator {coordinator!r}: expected HOST:PORT, "
+                          "e.g. coord.example.org:50051")
     if token_file is not None:
         try:
             token = token_file.read_text().strip()
@@ -140,6 +143,9 @@ def worker(
         token = os.environ.get("FEDSKY_TOKEN", "")
     if not token:
         raise FedskyError("no site secret: set FEDSKY_TOKEN or pass --token-file")
+    from fedsky.site import site_factory
+    from fedsky.transport.grpc_worker import serve_site
+
     serve_site(coordinator, site, token, site_factory(data),
                tls_ca=str(tls_ca) if tls_ca else None, connect_retries=retries)
 

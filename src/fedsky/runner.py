@@ -30,6 +30,7 @@ from fedsky.model import build_model, count_parameters, load_trainable, pick_dev
 from fedsky.site import make_setup, site_factory
 from fedsky.strategies import make_strategy
 from fedsky.training import make_optimizer, train_steps
+from fedsky.transport.base import Transport
 from fedsky.transport.inprocess import InProcessTransport
 from fedsky.workload import (
     Tokenizer,
@@ -106,23 +107,22 @@ def run_federated(
     """Federated training. With gRPC and no `tokens`, one worker process per site is started
     on loopback; with `tokens` (`fedsky coordinator`) the sites are started by their owners."""
     started = time.perf_counter()
-    p = prepare(job, job_dir)
     sites = [s.name for s in job.sites]
-    setup = make_setup(job, job_dir, p.tokenizer)
+    site_tokens = tokens or new_tokens(job)
+    # Bind first: a port in use fails in a second, not after the data is ready.
+    transport: Transport = (grpc_transport(job, site_tokens) if transport_kind == "grpc"
+                            else InProcessTransport(site_factory()))
     procs: list[subprocess.Popen] = []
-    if transport_kind == "grpc":
-        site_tokens = tokens or new_tokens(job)
-        transport = grpc_transport(job, site_tokens)
-        if tokens is None:
+    runlog: RunLog | None = None
+    try:
+        p = prepare(job, job_dir)
+        if transport_kind == "grpc" and tokens is None:
             procs = spawn_workers(job, transport.port, site_tokens, p.out_dir)
-        else:
+        elif transport_kind == "grpc":
             log.info("coordinator listening on %s:%d; waiting for %d sites",
                      job.transport.host, transport.port, len(sites))
-    else:
-        transport = InProcessTransport(site_factory())
-    runlog = RunLog(p.out_dir, job.rounds, f"{job.name} ({transport_kind})")
-    try:
-        joined = transport.start(sites, setup)
+        runlog = RunLog(p.out_dir, job.rounds, f"{job.name} ({transport_kind})")
+        joined = transport.start(sites, make_setup(job, job_dir, p.tokenizer))
         if len(joined) < job.coordinator.min_sites:
             raise FedskyError(f"only {len(joined)} of {len(sites)} sites joined "
                               f"({', '.join(joined) or 'none'}); quorum is "
@@ -138,7 +138,8 @@ def run_federated(
                                    strategy.init_state(global_params))
     finally:
         transport.close()
-        runlog.close()
+        if runlog is not None:
+            runlog.close()
         _reap(procs)
     return _finish(p, global_params, f"federated-{transport_kind}", started)
 
