@@ -98,3 +98,19 @@ def test_cli_empty_corpus(tmp_path: Path, corpus_file: Path) -> None:
 def test_cli_missing_job_file(tmp_path: Path) -> None:
     proc = _run_cli("run", str(tmp_path / "nope.toml"), cwd=tmp_path)
     assert proc.returncode == 2 and "job file not found" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ('strategy={name="fedopt", optimizer="lamb"}', "strategy.fedopt.optimizer"),
+        ('strategy={name="dynamic", alpha=-1}', "strategy.dynamic.alpha"),
+        ('strategy={name="dynamic", temperature=0}', "strategy.dynamic.temperature"),
+        ('strategy={name="fedopt", nesterov=true}', "nesterov needs"),
+        ('strategy={name="krum"}', "does not match any of the expected tags"),
+    ],
+)
+def test_bad_strategy_config_fails_at_load(tmp_path: Path, corpus_file: Path, override: str,
+                                           expected: str) -> None:
+    with pytest.raises(FedskyError, match=expected):
+        load_job(tiny_job(tmp_path, corpus_file), [override])

@@ -81,3 +81,56 @@ def test_lora_federates_only_adapters(tmp_path: Path, corpus_file: Path) -> None
     _, params, _ = load_checkpoint(Path(summary["output_dir"]) / "checkpoint.safetensors")
     assert params and all("lora_" in name for name in params)
     assert (Path(summary["output_dir"]) / "model" / "adapter_config.json").is_file()
+
+
+def test_resume_equals_the_uninterrupted_run_for_fedopt_with_momentum(
+    tmp_path: Path, corpus_file: Path
+) -> None:
+    fedopt = ['strategy={name="fedopt", optimizer="sgd", lr=0.7, momentum=0.9, nesterov=true}']
+    whole, whole_dir = load_job(tiny_job(tmp_path / "whole", corpus_file, rounds=4), fedopt)
+    run_federated(whole, whole_dir, "inprocess")
+
+    cut_job = tiny_job(tmp_path / "cut", corpus_file, rounds=4)
+    first, job_dir = load_job(cut_job, [*fedopt, "rounds=2"])
+    run_federated(first, job_dir, "inprocess")
+    _, _, state = load_checkpoint(tmp_path / "cut" / "out" / "checkpoint.safetensors")
+    assert state["optimizer"]["state"], "server momentum must be in the checkpoint"
+    rest, _ = load_job(cut_job, fedopt)
+    run_federated(rest, job_dir, "inprocess", resume=True)
+
+    _, a, _ = load_checkpoint(tmp_path / "whole" / "out" / "checkpoint.safetensors")
+    _, b, _ = load_checkpoint(tmp_path / "cut" / "out" / "checkpoint.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["round"] for r in read_metrics(tmp_path / "cut" / "out")] == [0, 1, 2, 3]
+    # and the momentum mattered: plain FedAvg ends elsewhere
+    plain, _ = load_job(tiny_job(tmp_path / "plain", corpus_file, rounds=4))
+    run_federated(plain, tmp_path / "plain", "inprocess")
+    _, c, _ = load_checkpoint(tmp_path / "plain" / "out" / "checkpoint.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_fedprox_keeps_sites_closer_to_the_global_model(tmp_path: Path,
+                                                        corpus_file: Path) -> None:
+    def first_round_update_norm(mu: float, sub: str) -> float:
+        job, job_dir = load_job(tiny_job(tmp_path / sub, corpus_file, rounds=1),
+                                ['training.optimizer="sgd"', "training.lr=0.5",
+                                 f"training.prox_mu={mu}", "training.local_steps=4"])
+        from fedsky.model import build_model, trainable_state
+
+        start = trainable_state(build_model(job.model, 400, job.seed))
+        summary = run_federated(job, job_dir, "inprocess")
+        _, end, _ = load_checkpoint(Path(summary["checkpoint"]))
+        return sum(float((end[k] - start[k]).norm() ** 2) for k in end) ** 0.5
+
+    assert first_round_update_norm(5.0, "prox") < 0.9 * first_round_update_norm(0.0, "plain")
+
+
+def test_dynamic_weights_reach_the_metrics(tmp_path: Path, corpus_file: Path) -> None:
+    _, records = _run(tmp_path, corpus_file, 'strategy={name="dynamic", rule="paper_b"}',
+                      "sites.0.profile.bandwidth_mbps=50")
+    sites = records[-1]["sites"]
+    raw = {s: v["loss_before"] / (v["num_samples"] * (50.0 if s == "a" else 1000.0))
+           for s, v in sites.items()}
+    total = sum(raw.values())
+    for s, v in sites.items():
+        assert abs(v["weight"] - raw[s] / total) < 1e-9

@@ -54,7 +54,9 @@ def save_checkpoint(
     tensors = {f"global/{k}": v.detach().cpu().contiguous() for k, v in params.items()}
     skeleton = _flatten(state, "state", tensors)
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata={"round": str(round_idx), "state": json.dumps(skeleton)})
+    # safetensors sorts names; the order matters (a server optimizer's state is by position).
+    meta = {"round": str(round_idx), "state": json.dumps(skeleton), "order": json.dumps(list(params))}
+    save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)
 
 
@@ -65,6 +67,6 @@ def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str,
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    params = {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
+    params = {k: tensors[f"global/{k}"] for k in json.loads(meta["order"])}
     state = _unflatten(json.loads(meta["state"]), tensors)
     return int(meta["round"]), params, state

@@ -53,6 +53,10 @@ def run(
     )] = None,
     centralized: Annotated[bool, typer.Option(
         "--centralized", help="Train on the sites' pooled data in one process instead")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue after the last checkpointed round in output_dir")] = False,
+    no_report: Annotated[bool, typer.Option(
+        "--no-report", help="Skip writing plots and report.html at the end")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a job: federated (simulated or over gRPC) or centralized."""
@@ -65,11 +69,58 @@ def run(
     _setup_logging(verbose)
     from fedsky.runner import run_centralized, run_federated
 
+    if centralized and resume:
+        raise FedskyError("--resume applies to federated runs only")
     if centralized:
         summary = run_centralized(job, job_dir)
     else:
-        summary = run_federated(job, job_dir, job.transport.kind)
+        summary = run_federated(job, job_dir, job.transport.kind, resume=resume)
     _print_summary(summary)
+    if not no_report:
+        _write_report(Path(summary["output_dir"]))
+
+
+def _write_report(run_dir: Path) -> None:
+    """The report after a run; the run succeeded, so a broken report is only a warning."""
+    try:
+        from fedsky.report import write_report
+
+        print(f"report: {write_report(run_dir).html}")
+    except Exception as err:  # noqa: BLE001
+        print(f"warning: no report written ({type(err).__name__}: {err}); "
+              f"try `fedsky report {run_dir}`", file=sys.stderr)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run's output_dir")],
+    out: Annotated[Path | None, typer.Option(
+        help="Where to write report.html and plots/ (default: RUN_DIR)")] = None,
+) -> None:
+    """Write plots (PNG) and a self-contained report.html for a run, finished or not."""
+    from fedsky.report import write_report
+
+    rep = write_report(run_dir, out)
+    for note in rep.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{rep.html} ({len(rep.plots)} plots in {rep.html.parent / 'plots'})")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="The runs' output_dirs")],
+    out: Annotated[Path, typer.Option(
+        help="Where to write compare.md and the overlay plots")] = Path("runs/compare"),
+) -> None:
+    """Overlay runs' eval loss by round, bytes, time and cost; print a table of where each
+    ended (markdown, also in OUT/compare.md)."""
+    from fedsky.compare import compare_runs, finals_table
+
+    result = compare_runs(run_dirs, out)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(finals_table(run_dirs), end="")  # stdout: only the table, ready to paste
+    print(f"{result.table} ({len(result.plots)} plots)", file=sys.stderr)
 
 
 @app.command()

@@ -7,8 +7,9 @@ any data is read or any process is started. Errors are collected, not raised one
 from __future__ import annotations
 
 import tomllib
+from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -101,11 +102,69 @@ class TrainingConfig(Strict):
     # CPU threads per process (None: torch's default). Float sums depend on the thread count,
     # so runs compare bit for bit only at equal counts; 1 suits several sites on one machine.
     threads: int | None = Field(None, gt=0)
+    # FedProx (Li et al. 2020): mu/2 ||w - w_global||^2 added to the local loss; 0 is off.
+    prox_mu: float = Field(0.0, ge=0)
+    # Sequences of its own data on which a site measures the global model's loss before
+    # training and its local model's after (dynamic weighting reads them).
+    probe_sequences: int = Field(32, gt=0)
 
 
-class StrategyConfig(Strict):
+class FedAvgConfig(Strict):
+    """McMahan et al. 2017: the sample-weighted (or uniform) mean of the site models."""
+
     name: Literal["fedavg"] = "fedavg"
     weighting: Literal["sequences", "uniform"] = "sequences"
+
+
+class DynamicConfig(Strict):
+    """Weights from each site's loss, data size and bandwidth, recomputed every round.
+
+    `paper_b`: w_k = L_k / (|D_k| * B_k^alpha), L_k the global model's loss on the site's data
+    before training, B_k its bandwidth in Mbit/s (Yang et al. 2025). `inverse_loss` and
+    `softmax` weight better local models (lower loss after training) more (2410.19130).
+    """
+
+    name: Literal["dynamic"] = "dynamic"
+    rule: Literal["paper_b", "inverse_loss", "softmax"] = "paper_b"
+    alpha: float = Field(1.0, ge=0)  # bandwidth exponent (paper_b)
+    temperature: float = Field(1.0, gt=0)  # softmax(-loss / temperature)
+
+
+class FedOptConfig(Strict):
+    """Pseudo-gradient aggregation with a server optimizer (Reddi et al. 2021; DiLoCo).
+
+    The weighted mean of (old - new) goes into `.grad` of the global tensors and a torch
+    optimizer steps. sgd with lr 1 and no momentum is FedAvg; sgd with nesterov momentum
+    (lr 0.7, momentum 0.9) is DiLoCo's outer step.
+    """
+
+    name: Literal["fedopt"] = "fedopt"
+    optimizer: Literal["sgd", "adam", "yogi", "adagrad"] = "sgd"
+    lr: float = Field(1.0, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)  # sgd
+    nesterov: bool = False  # sgd
+    beta1: float = Field(0.9, ge=0, lt=1)  # adam, yogi
+    beta2: float = Field(0.99, ge=0, lt=1)  # adam, yogi
+    tau: float = Field(1e-3, gt=0)  # adaptivity (the eps of adam/yogi/adagrad)
+    weighting: Literal["sequences", "uniform"] = "sequences"
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> FedOptConfig:
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs optimizer = 'sgd' and momentum > 0")
+        return self
+
+
+class RobustConfig(Strict):
+    """Coordinate-wise median or trimmed mean: robust to a faulty site; needs plaintext updates."""
+
+    name: Literal["median", "trimmed_mean"]
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)  # trimmed from each end (trimmed_mean)
+
+
+StrategyConfig = Annotated[
+    FedAvgConfig | DynamicConfig | FedOptConfig | RobustConfig, Field(discriminator="name")
+]
 
 
 class CodecConfig(Strict):
@@ -137,6 +196,24 @@ class TransportConfig(Strict):
         return self
 
 
+class TrackingConfig(Strict):
+    """Experiment trackers that also receive each round's numbers (optional installs).
+
+    Whether they are installed is checked in `load_job`, not here: a site receives the job too
+    and need not have them.
+    """
+
+    tensorboard: bool = False  # event files in OUTPUT_DIR/tensorboard (pip install tensorboard)
+    mlflow: bool = False  # to MLflow's tracking URI, e.g. $MLFLOW_TRACKING_URI (pip install mlflow)
+    mlflow_experiment: str | None = None  # None: MLflow's default experiment
+
+    @model_validator(mode="after")
+    def _experiment_needs_mlflow(self) -> TrackingConfig:
+        if self.mlflow_experiment is not None and not self.mlflow:
+            raise ValueError("mlflow_experiment is set but mlflow is false")
+        return self
+
+
 class JobConfig(Strict):
     name: str = "job"
     seed: int = 0
@@ -147,10 +224,11 @@ class JobConfig(Strict):
     data: DataConfig = DataConfig()
     sites: list[SiteConfig] = Field(min_length=1)
     training: TrainingConfig = TrainingConfig()
-    strategy: StrategyConfig = StrategyConfig()
+    strategy: StrategyConfig = FedAvgConfig()
     codec: CodecConfig = CodecConfig()
     coordinator: CoordinatorConfig = CoordinatorConfig()
     transport: TransportConfig = TransportConfig()
+    tracking: TrackingConfig | None = None
 
     @field_validator("sites")
     @classmethod
@@ -251,4 +329,20 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> tuple[JobC
     except tomllib.TOMLDecodeError as err:
         raise FedskyError(f"{path}: not valid TOML: {err}") from None
     raw = apply_overrides(raw, overrides or [])
-    return parse_job(raw, str(path)), path.resolve().parent
+    job = parse_job(raw, str(path))
+    check_trackers_installed(job, str(path))
+    return job, path.resolve().parent
+
+
+def check_trackers_installed(job: JobConfig, source: str) -> None:
+    """Fail before the run, not at round 0, when an enabled tracker cannot be imported."""
+    t = job.tracking
+    if t is None:
+        return
+    missing = [pkg for on, pkg in ((t.tensorboard, "tensorboard"), (t.mlflow, "mlflow"))
+               if on and find_spec(pkg) is None]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        off = " and ".join(f"tracking.{m} = false" for m in missing)
+        raise FedskyError(f"{source}: tracking enables {' and '.join(missing)}, which {verb} "
+                          f"not installed: pip install {' '.join(missing)} (or set {off})")

@@ -53,7 +53,7 @@ def select_sites(job: JobConfig, round_idx: int, available: list[str]) -> list[s
 
 
 def decode_reply(blob: bytes, round_idx: int, site: str, global_params: Params,
-                 codec: Codec) -> SiteUpdate:
+                 codec: Codec, bandwidth_mbps: float) -> SiteUpdate:
     """Validate at the boundary: right round and site, same names and shapes, finite values."""
     tensors, header = unpack(blob)
     if header.get("round") != round_idx or header.get("site") != site:
@@ -74,6 +74,9 @@ def decode_reply(blob: bytes, round_idx: int, site: str, global_params: Params,
         tokens=int(header["tokens"]),
         train_loss=float(header["train_loss"]),
         compute_s=float(header["compute_s"]),
+        loss_before=float(header["loss_before"]),
+        loss_after=float(header["loss_after"]),
+        bandwidth_mbps=bandwidth_mbps,
     )
 
 
@@ -87,6 +90,7 @@ def run_rounds(
     start_round: int = 0,
 ) -> Params:
     """Run rounds `start_round .. job.rounds - 1`; returns the final global tensors."""
+    bandwidth = {s.name: s.profile.bandwidth_mbps for s in job.sites}  # declared, Mbit/s
     for r in range(start_round, job.rounds):
         t0 = time.perf_counter()
         selected = select_sites(job, r, sites)
@@ -99,7 +103,8 @@ def run_rounds(
         for site in selected:  # config order, whatever order replies came in
             if site in replies:
                 try:
-                    updates.append(decode_reply(replies[site], r, site, global_params, ctx.codec))
+                    updates.append(decode_reply(replies[site], r, site, global_params,
+                                                ctx.codec, bandwidth[site]))
                 except FedskyError as err:
                     rejected[site] = str(err)
                     log.warning("round %d: rejected update from %s: %s", r, site, err)
@@ -126,7 +131,6 @@ def run_rounds(
         t_eval = time.perf_counter()
         load_trainable(ctx.model, global_params)
         ev = evaluate(ctx.model, ctx.eval_data, job.training.batch_size, ctx.device)
-        save_checkpoint(ctx.checkpoint_path, r, global_params, state)
         eval_s = time.perf_counter() - t_eval
 
         rec.update(
@@ -134,11 +138,15 @@ def run_rounds(
             perplexity=ev.perplexity,
             accuracy=ev.accuracy,
             round_s=round_s,  # exchange + decode + aggregate (no evaluation)
-            eval_s=eval_s,  # evaluation + checkpoint
+            eval_s=eval_s,
             wall_s=round_s + eval_s,
             sites={u.site: {"train_loss": u.train_loss, "tokens": u.tokens,
                             "compute_s": u.compute_s, "num_samples": u.num_samples,
+                            "loss_before": u.loss_before, "loss_after": u.loss_after,
                             "weight": weights[u.site]} for u in updates},
         )
         ctx.log.round(rec)
+        # After the metrics line: a crash in between leaves the checkpoint one round behind,
+        # and resuming redoes that round (its metrics line is replaced).
+        save_checkpoint(ctx.checkpoint_path, r, global_params, state)
     return global_params

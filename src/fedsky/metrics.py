@@ -39,11 +39,17 @@ def round_line(rec: dict[str, Any], total_rounds: int) -> str:
 class RunLog:
     """Appends round records to `metrics.jsonl` and shows progress."""
 
-    def __init__(self, out_dir: Path, total_rounds: int, title: str, resume: bool = False) -> None:
+    def __init__(self, out_dir: Path, total_rounds: int, title: str,
+                 keep_through: int | None = None) -> None:
+        """`keep_through`: resuming after that round; earlier records stay, later ones go."""
         self.out_dir = out_dir
         self.total_rounds = total_rounds
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(out_dir / "metrics.jsonl", "a" if resume else "w")  # noqa: SIM115
+        kept = [r for r in read_metrics(out_dir)
+                if keep_through is not None and r["round"] <= keep_through]
+        self._file = open(out_dir / "metrics.jsonl", "w")  # noqa: SIM115
+        for rec in kept:
+            self._file.write(json.dumps(rec, sort_keys=True) + "\n")
         self._console = Console(stderr=True)
         self._progress: Progress | None = None
         if sys.stderr.isatty():
@@ -53,6 +59,7 @@ class RunLog:
             )
             self._task = self._progress.add_task(title, total=total_rounds)
             self._progress.start()
+        self._trackers = open_trackers(out_dir, title)
 
     def info(self, message: str) -> None:
         if self._progress is not None:
@@ -66,11 +73,81 @@ class RunLog:
         self.info(round_line(rec, self.total_rounds))
         if self._progress is not None:
             self._progress.update(self._task, completed=rec["round"] + 1)
+        for tracker in list(self._trackers):
+            try:
+                tracker.log(scalars(rec), rec["round"])
+            except Exception as err:  # noqa: BLE001 - a tracker outage must not stop training
+                self.info(f"warning: {type(tracker).__name__} logging failed and is off: {err}")
+                self._trackers.remove(tracker)
 
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
         self._file.close()
+        for tracker in self._trackers:
+            tracker.close()
+
+
+def scalars(rec: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers in a round record, nested keys joined by '/': `sites/aws/train_loss`."""
+    out: dict[str, float] = {}
+    for key, value in rec.items():
+        if key == "round" or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[prefix + key] = float(value)
+        elif isinstance(value, dict):
+            out.update(scalars(value, f"{prefix}{key}/"))
+    return out
+
+
+class TensorBoard:
+    def __init__(self, out_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # needs `pip install tensorboard`
+
+        self._writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for name, value in values.items():
+            self._writer.add_scalar(name, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class MLflow:
+    def __init__(self, experiment: str | None, run_name: str) -> None:
+        import mlflow
+
+        self._mlflow = mlflow
+        if experiment:
+            mlflow.set_experiment(experiment)
+        mlflow.start_run(run_name=run_name)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self._mlflow.log_metrics(values, step=step)
+
+    def close(self) -> None:
+        self._mlflow.end_run()
+
+
+def open_trackers(out_dir: Path, run_name: str) -> list[TensorBoard | MLflow]:
+    """The trackers the job's `tracking` table enables, imported only then.
+
+    Read from the `config.json` that the runner writes to `out_dir` before opening the log,
+    so that every way of running a job gets them without passing the job down.
+    """
+    try:
+        tracking = json.loads((out_dir / "config.json").read_text()).get("tracking") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    trackers: list[TensorBoard | MLflow] = []
+    if tracking.get("tensorboard"):
+        trackers.append(TensorBoard(out_dir))
+    if tracking.get("mlflow"):
+        trackers.append(MLflow(tracking.get("mlflow_experiment"), run_name))
+    return trackers
 
 
 def read_metrics(out_dir: Path) -> list[dict[str, Any]]:

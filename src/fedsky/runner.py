@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fedsky.checkpoint import save_checkpoint
+from fedsky.checkpoint import load_checkpoint, save_checkpoint
 from fedsky.codecs import make_codec
 from fedsky.config import JobConfig
 from fedsky.coordinator import RoundContext, run_rounds
@@ -103,9 +103,11 @@ def run_federated(
     job_dir: Path | None,
     transport_kind: str,
     tokens: dict[str, str] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Federated training. With gRPC and no `tokens`, one worker process per site is started
-    on loopback; with `tokens` (`fedsky coordinator`) the sites are started by their owners."""
+    on loopback; with `tokens` (`fedsky coordinator`) the sites are started by their owners.
+    With `resume`, continue after the last checkpointed round of `output_dir`."""
     started = time.perf_counter()
     sites = [s.name for s in job.sites]
     site_tokens = tokens or new_tokens(job)
@@ -116,26 +118,33 @@ def run_federated(
     runlog: RunLog | None = None
     try:
         p = prepare(job, job_dir)
+        (p.out_dir / "config.json").write_text(job.model_dump_json(indent=2))
         if transport_kind == "grpc" and tokens is None:
             procs = spawn_workers(job, transport.port, site_tokens, p.out_dir)
         elif transport_kind == "grpc":
             log.info("coordinator listening on %s:%d; waiting for %d sites",
                      job.transport.host, transport.port, len(sites))
-        runlog = RunLog(p.out_dir, job.rounds, f"{job.name} ({transport_kind})")
+        strategy = make_strategy(job.strategy)
+        global_params = trainable_state(p.model)
+        state = strategy.init_state(global_params)
+        last_done = None
+        if resume:
+            last_done, global_params, state = load_checkpoint(p.out_dir / "checkpoint.safetensors")
+            load_trainable(p.model, global_params)
+        runlog = RunLog(p.out_dir, job.rounds, f"{job.name} ({transport_kind})", last_done)
         joined = transport.start(sites, make_setup(job, job_dir, p.tokenizer))
         if len(joined) < job.coordinator.min_sites:
             raise FedskyError(f"only {len(joined)} of {len(sites)} sites joined "
                               f"({', '.join(joined) or 'none'}); quorum is "
                               f"{job.coordinator.min_sites}; see {p.out_dir / 'logs'}")
-        strategy = make_strategy(job.strategy)
-        global_params = trainable_state(p.model)
         ev = evaluate(p.model, p.eval_data, job.training.batch_size, p.device)
-        runlog.info(f"initial eval loss {ev.loss:.4f} (ppl {ev.perplexity:.1f}); "
+        start = 0 if last_done is None else last_done + 1
+        runlog.info(f"{'resuming at round ' + str(start + 1) + ': ' if start else 'initial '}"
+                    f"eval loss {ev.loss:.4f} (ppl {ev.perplexity:.1f}); "
                     f"{len(joined)} sites: {', '.join(joined)}")
         ctx = RoundContext(p.model, p.eval_data, p.device, strategy, make_codec(job.codec),
                            runlog, p.out_dir / "checkpoint.safetensors")
-        global_params = run_rounds(job, transport, joined, global_params, ctx,
-                                   strategy.init_state(global_params))
+        global_params = run_rounds(job, transport, joined, global_params, ctx, state, start)
     finally:
         transport.close()
         if runlog is not None:
@@ -194,6 +203,7 @@ def run_centralized(job: JobConfig, job_dir: Path | None) -> dict[str, Any]:
     """
     started = time.perf_counter()
     p = prepare(job, job_dir)
+    (p.out_dir / "config.json").write_text(job.model_dump_json(indent=2))
     pooled = torch.cat(list(site_sequences(job, job_dir, p.corpus, p.tokenizer).values()))
     per_round = (job.coordinator.sites_per_round or len(job.sites)) * job.training.local_steps
     runlog = RunLog(p.out_dir, job.rounds, f"{job.name} (centralized)")

@@ -18,6 +18,7 @@ from fedsky.codecs import Codec, make_codec
 from fedsky.config import JobConfig, parse_job
 from fedsky.data import load_pretrained_tokenizer
 from fedsky.errors import FedskyError
+from fedsky.evaluation import evaluate
 from fedsky.model import build_model, load_trainable, pick_device, trainable_state
 from fedsky.training import train_steps
 from fedsky.transport.base import SiteHandler
@@ -50,6 +51,7 @@ class Site:
     job: JobConfig
     model: torch.nn.Module
     data: torch.Tensor  # (N, seq_len) training sequences; never sent anywhere
+    probe: torch.Tensor  # (P, seq_len) fixed subset of `data` for the loss reports
     codec: Codec
     device: torch.device
 
@@ -79,7 +81,10 @@ def open_site(name: str, setup: bytes, data_path: str | None = None) -> Site:
     model = build_model(job.model, vocab_size(tok), job.seed).to(device)
     log.info("site %s ready: %d sequences of %d tokens on %s",
              name, len(data), job.training.seq_len, device)
-    return Site(name, names.index(name), job, model, data, make_codec(job.codec), device)
+    index = names.index(name)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(job.seed + index))
+    probe = data[order[: job.training.probe_sequences]]
+    return Site(name, index, job, model, data, probe, make_codec(job.codec), device)
 
 
 def train_round(site: Site, task: bytes) -> bytes:
@@ -87,11 +92,14 @@ def train_round(site: Site, task: bytes) -> bytes:
     global_params, header = unpack(task)
     round_idx = int(header["round"])
     load_trainable(site.model, global_params)
+    batch = site.job.training.batch_size
+    loss_before = evaluate(site.model, site.probe, batch, site.device).loss
     seed = round_seed(site.job.seed, round_idx, site.index)
     torch.manual_seed(seed)  # dropout
     gen = torch.Generator().manual_seed(seed)  # batch sampling
     result = train_steps(site.model, site.data, site.job.training,
                          site.job.training.local_steps, gen, site.device)
+    loss_after = evaluate(site.model, site.probe, batch, site.device).loss
     new = trainable_state(site.model)
     delta = {k: new[k] - global_params[k] for k in new}
     tensors, codec_header = site.codec.encode(delta)
@@ -103,6 +111,8 @@ def train_round(site: Site, task: bytes) -> bytes:
         "tokens": result.tokens,
         "steps": result.steps,
         "train_loss": result.mean_loss,
+        "loss_before": loss_before,  # L_k: the global model on this site's data
+        "loss_after": loss_after,
         # Fixed width, so that payload sizes (and the byte metrics) do not depend on timing.
         "compute_s": f"{result.compute_s:015.6f}",
     })

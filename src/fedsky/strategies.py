@@ -2,18 +2,27 @@
 
 `aggregate(global, updates, state) -> (global, state)`; no I/O, no hidden state. The
 coordinator asks `weights()` separately so the weights used each round reach the metrics.
+Every strategy moves the global model by a combination of the sites' deltas (new - old).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from fedsky.config import StrategyConfig
+from fedsky.config import (
+    DynamicConfig,
+    FedAvgConfig,
+    FedOptConfig,
+    RobustConfig,
+    StrategyConfig,
+)
 from fedsky.errors import FedskyError
+from fedsky.server_optim import make_server_optimizer
 
 Params = dict[str, torch.Tensor]
 
@@ -26,8 +35,11 @@ class SiteUpdate:
     delta: Params  # new - old, for every federated tensor (fp32)
     num_samples: int  # |D_k|: training sequences the site holds
     tokens: int  # tokens processed this round
-    train_loss: float  # mean training loss this round
+    train_loss: float  # mean training loss over this round's local steps
     compute_s: float
+    loss_before: float = math.nan  # global model's loss on the site's probe sequences
+    loss_after: float = math.nan  # local model's loss on the same sequences, after training
+    bandwidth_mbps: float = math.nan  # the site's link (declared, or measured by the transport)
 
 
 class Strategy(Protocol):
@@ -42,14 +54,19 @@ class Strategy(Protocol):
     ) -> tuple[Params, dict[str, Any]]: ...
 
 
+def normalise(sites: list[str], raw: list[float]) -> dict[str, float]:
+    total = math.fsum(raw)
+    if not math.isfinite(total) or total <= 0 or any(w < 0 for w in raw):
+        raise FedskyError(f"aggregation weights {dict(zip(sites, raw))} cannot be normalised")
+    return {s: w / total for s, w in zip(sites, raw, strict=True)}
+
+
 def weighted_mean(deltas: list[Params], weights: list[float]) -> Params:
     """sum_k w_k * delta_k / sum_k w_k, tensor by tensor, accumulated in fp64 then cast back.
 
     fp64 accumulation makes the result independent of the order sites arrived in.
     """
-    total = float(sum(weights))
-    if total <= 0:
-        raise FedskyError(f"aggregation weights sum to {total}; nothing to aggregate")
+    total = math.fsum(weights)
     out: Params = {}
     for name, ref in deltas[0].items():
         acc = torch.zeros(ref.shape, dtype=torch.float64)
@@ -59,29 +76,149 @@ def weighted_mean(deltas: list[Params], weights: list[float]) -> Params:
     return out
 
 
-class FedAvg:
-    """McMahan et al. 2017: the global model moves by the (sample-)weighted mean update."""
+def sample_weights(updates: list[SiteUpdate], weighting: str) -> dict[str, float]:
+    raw = [float(u.num_samples) if weighting == "sequences" else 1.0 for u in updates]
+    return normalise([u.site for u in updates], raw)
 
-    def __init__(self, cfg: StrategyConfig) -> None:
-        self.weighting = cfg.weighting
+
+def apply_mean(global_params: Params, updates: list[SiteUpdate],
+               weights: dict[str, float]) -> Params:
+    """w_t = sum_k w_k * w_k(t) / sum_k w_k, written as global + the weighted mean delta."""
+    mean = weighted_mean([u.delta for u in updates], [weights[u.site] for u in updates])
+    return {k: v + mean[k] for k, v in global_params.items()}
+
+
+class FedAvg:
+    def __init__(self, cfg: FedAvgConfig) -> None:
+        self.cfg = cfg
 
     def init_state(self, global_params: Params) -> dict[str, Any]:
         return {}
 
     def weights(self, updates: list[SiteUpdate], state: dict[str, Any]) -> dict[str, float]:
-        raw = [u.num_samples if self.weighting == "sequences" else 1.0 for u in updates]
-        total = float(sum(raw))
-        return {u.site: w / total for u, w in zip(updates, raw, strict=True)}
+        return sample_weights(updates, self.cfg.weighting)
+
+    def aggregate(
+        self, global_params: Params, updates: list[SiteUpdate], state: dict[str, Any]
+    ) -> tuple[Params, dict[str, Any]]:
+        return apply_mean(global_params, updates, self.weights(updates, state)), state
+
+
+def dynamic_weights(updates: list[SiteUpdate], cfg: DynamicConfig) -> dict[str, float]:
+    """The dynamic rules as closed forms over the sites' reported numbers."""
+    sites = [u.site for u in updates]
+    if cfg.rule == "paper_b":
+        for u in updates:
+            if not (u.loss_before > 0 and u.bandwidth_mbps > 0):
+                raise FedskyError(f"site {u.site}: paper_b weighting needs a positive loss and "
+                                  f"bandwidth, got {u.loss_before} and {u.bandwidth_mbps}")
+        raw = [u.loss_before / (u.num_samples * u.bandwidth_mbps**cfg.alpha) for u in updates]
+        return normalise(sites, raw)
+    losses = [u.loss_after for u in updates]
+    if not all(math.isfinite(x) and x > 0 for x in losses):
+        raise FedskyError(f"loss-based weighting needs positive finite losses, got {losses}")
+    if cfg.rule == "inverse_loss":
+        return normalise(sites, [1.0 / x for x in losses])
+    low = min(losses)  # shift for numerical safety: softmax is shift-invariant
+    return normalise(sites, [math.exp(-(x - low) / cfg.temperature) for x in losses])
+
+
+class Dynamic:
+    def __init__(self, cfg: DynamicConfig) -> None:
+        self.cfg = cfg
+
+    def init_state(self, global_params: Params) -> dict[str, Any]:
+        return {}
+
+    def weights(self, updates: list[SiteUpdate], state: dict[str, Any]) -> dict[str, float]:
+        return dynamic_weights(updates, self.cfg)
+
+    def aggregate(
+        self, global_params: Params, updates: list[SiteUpdate], state: dict[str, Any]
+    ) -> tuple[Params, dict[str, Any]]:
+        return apply_mean(global_params, updates, self.weights(updates, state)), state
+
+
+class FedOpt:
+    """The averaged pseudo-gradient (old - new) into `.grad`, then a torch optimizer step.
+
+    The optimizer is rebuilt every round from `state["optimizer"]` (its state_dict), so the
+    state is explicit and survives a checkpoint; nothing is kept on the object.
+    """
+
+    def __init__(self, cfg: FedOptConfig) -> None:
+        self.cfg = cfg
+
+    def init_state(self, global_params: Params) -> dict[str, Any]:
+        return {}
+
+    def weights(self, updates: list[SiteUpdate], state: dict[str, Any]) -> dict[str, float]:
+        return sample_weights(updates, self.cfg.weighting)
 
     def aggregate(
         self, global_params: Params, updates: list[SiteUpdate], state: dict[str, Any]
     ) -> tuple[Params, dict[str, Any]]:
         w = self.weights(updates, state)
         mean = weighted_mean([u.delta for u in updates], [w[u.site] for u in updates])
-        return {k: v + mean[k] for k, v in global_params.items()}, state
+        params = {k: torch.nn.Parameter(v.detach().clone()) for k, v in global_params.items()}
+        opt = make_server_optimizer(list(params.values()), self.cfg)
+        if "optimizer" in state:
+            opt.load_state_dict(state["optimizer"])
+        for name, p in params.items():
+            p.grad = -mean[name]  # pseudo-gradient: old - new
+        opt.step()
+        new = {k: p.detach() for k, p in params.items()}
+        return new, {"optimizer": opt.state_dict()}
 
 
-STRATEGIES: dict[str, Callable[[StrategyConfig], Strategy]] = {"fedavg": FedAvg}
+def coordinate_median(stacked: torch.Tensor) -> torch.Tensor:
+    """Median over dim 0; with an even count, the mean of the two middle values."""
+    ordered = stacked.sort(dim=0).values
+    n = ordered.shape[0]
+    if n % 2:
+        return ordered[n // 2]
+    return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def trimmed_mean(stacked: torch.Tensor, trim_fraction: float) -> torch.Tensor:
+    """Mean over dim 0 after dropping floor(trim_fraction * n) values from each end."""
+    n = stacked.shape[0]
+    k = int(math.floor(trim_fraction * n))
+    return stacked.sort(dim=0).values[k : n - k].mean(dim=0)
+
+
+class Robust:
+    """Coordinate-wise median / trimmed mean of the deltas (Yin et al. 2018); unweighted."""
+
+    def __init__(self, cfg: RobustConfig) -> None:
+        self.cfg = cfg
+
+    def init_state(self, global_params: Params) -> dict[str, Any]:
+        return {}
+
+    def weights(self, updates: list[SiteUpdate], state: dict[str, Any]) -> dict[str, float]:
+        return normalise([u.site for u in updates], [1.0] * len(updates))
+
+    def aggregate(
+        self, global_params: Params, updates: list[SiteUpdate], state: dict[str, Any]
+    ) -> tuple[Params, dict[str, Any]]:
+        out = {}
+        for name, value in global_params.items():
+            stacked = torch.stack([u.delta[name] for u in updates])  # (sites, *shape)
+            if self.cfg.name == "median":
+                out[name] = value + coordinate_median(stacked)
+            else:
+                out[name] = value + trimmed_mean(stacked, self.cfg.trim_fraction)
+        return out, state
+
+
+STRATEGIES: dict[str, Callable[[Any], Strategy]] = {
+    "fedavg": FedAvg,
+    "dynamic": Dynamic,
+    "fedopt": FedOpt,
+    "median": Robust,
+    "trimmed_mean": Robust,
+}
 
 
 def make_strategy(cfg: StrategyConfig) -> Strategy:

@@ -45,6 +45,8 @@ def train_steps(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = opt if opt is not None else make_optimizer(params, cfg)
+    # FedProx anchor: the weights this round started from (the global model at a site).
+    anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
     model.train()
     losses = torch.zeros((), device=device)
     tokens = 0
@@ -53,8 +55,12 @@ def train_steps(
         idx = torch.randint(len(data), (cfg.batch_size,), generator=generator)
         batch = data[idx].to(device, non_blocking=True)  # (B, T)
         loss = model(input_ids=batch, labels=batch).loss
+        objective = loss
+        if anchor is not None:
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+            objective = loss + cfg.prox_mu / 2 * prox
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
