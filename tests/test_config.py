@@ -114,3 +114,19 @@ def test_bad_strategy_config_fails_at_load(tmp_path: Path, corpus_file: Path, ov
                                            expected: str) -> None:
     with pytest.raises(FedskyError, match=expected):
         load_job(tiny_job(tmp_path, corpus_file), [override])
+
+
+def test_extends_inherits_and_overrides_a_base(tmp_path: Path, corpus_file: Path) -> None:
+    base = tiny_job(tmp_path, corpus_file)
+    arm = tmp_path / "arm.toml"
+    arm.write_text('extends = "job.toml"\nrounds = 7\n[training]\nlr = 0.05\n'
+                   '[strategy]\nname = "fedopt"\noptimizer = "adam"\n')
+    job, _ = load_job(arm)
+    base_job, _ = load_job(base)
+    assert job.rounds == 7 and job.training.lr == 0.05 and job.strategy.name == "fedopt"
+    assert job.training.local_steps == base_job.training.local_steps  # inherited
+    assert job.sites == base_job.sites
+    loop = tmp_path / "loop.toml"
+    loop.write_text('extends = "loop.toml"\n')
+    with pytest.raises(FedskyError, match="loops back"):
+        load_job(loop)

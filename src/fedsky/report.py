@@ -27,7 +27,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator
 
 from fedsky.errors import FedskyError
 from fedsky.metrics import human_bytes, summarize
@@ -164,7 +164,8 @@ def curves(records: list[Record]) -> Curves:
         if _completed(rec):
             c.rounds.append(rec["round"] + 1)
             c.eval_loss.append(float(rec["eval_loss"]))
-            c.accuracy.append(_num(rec.get("accuracy")) or float("nan"))
+            acc = _num(rec.get("accuracy"))
+            c.accuracy.append(float("nan") if acc is None else acc)
             c.bytes.append(acc_bytes)
             c.wall_s.append(acc_wall)
             c.virtual_s.append(acc_virtual)
@@ -216,17 +217,28 @@ def compression_values(records: list[Record]) -> tuple[list[float], list[float]]
 
 # --- plots -------------------------------------------------------------------------------------
 
+class _BytesLogFormatter(LogFormatterSciNotation):
+    """Matplotlib's choice of which log ticks to label, written as KB/MB/GB."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return human_bytes(x) if super().__call__(x, pos) else ""
+
+
 def _log_bytes_axis(ax: Any, which: str, values: list[float]) -> None:
-    """Log scale with whole decades labelled in KB/MB/GB. The limits snap to decades so that
-    near-constant byte counts still get labelled ticks, not a sliver of scientific notation."""
-    positive = [v for v in values if v > 0]
-    lo = 10.0 ** math.floor(math.log10(min(positive)))
-    hi = 10.0 ** math.ceil(math.log10(max(positive)))
+    """Log scale in KB/MB/GB. Data spanning a decade or more gets whole decades (each
+    labelled); less than that, e.g. a constant update size, gets padded limits so that a few
+    labelled ticks fall near it rather than a sliver of scientific notation."""
+    lo = min(v for v in values if v > 0)
+    hi = max(values)
+    if hi / lo < 10:
+        lo, hi = lo / 2, hi * 2
+    else:
+        lo, hi = 10.0 ** math.floor(math.log10(lo)), 10.0 ** math.ceil(math.log10(hi))
     axis = ax.xaxis if which == "x" else ax.yaxis
     getattr(ax, f"set_{which}scale")("log")
-    getattr(ax, f"set_{which}lim")(lo, hi * 10 if hi == lo else hi)
-    axis.set_major_formatter(FuncFormatter(lambda v, _pos: human_bytes(v)))
-    axis.set_minor_formatter(NullFormatter())
+    getattr(ax, f"set_{which}lim")(lo, hi)
+    axis.set_major_formatter(_BytesLogFormatter())
+    axis.set_minor_formatter(_BytesLogFormatter(labelOnlyBase=False))
 
 
 def line_plot(title: str, xlabel: str, ylabel: str, series: list[Series], *,
@@ -400,8 +412,8 @@ def site_table(records: list[Record]) -> tuple[list[str], list[list[str]]]:
     headers = ["site", "rounds in / selected", "last train loss", "tokens", "compute (s)",
                "bytes up", "bytes down", "mean weight", *extra_keys]
     rows = [[s, f"{st['in']} / {st['selected'] or st['in']}", fmt(st.get("train_loss")),
-             fmt(st["tokens"]), fmt(st["compute_s"]), fmt(st["up"], "bytes"),
-             fmt(st["down"], "bytes"),
+             fmt(st["tokens"]), fmt(st["compute_s"]), human_bytes(st["up"]),
+             human_bytes(st["down"]),
              fmt(sum(st["weights"]) / len(st["weights"]) if st["weights"] else None),
              *[fmt(st["extra"].get(k), k) for k in extra_keys]] for s, st in stats.items()]
     return headers, rows

@@ -1,0 +1,27 @@
+"""The paper experiments, end to end. Not in the default suite: `pytest -m experiment`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SHARED_DATA
+
+
+@pytest.mark.experiment
+def test_paper_a_smoke(tmp_path: Path) -> None:
+    if not (SHARED_DATA / "wikitext-2" / "valid.txt").is_file():
+        pytest.skip(f"WikiText-2 not found under {SHARED_DATA}")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "paper_a" / "run.py"),
+         "--out", str(tmp_path / "runs"), "--results", str(tmp_path),
+         "--set", "rounds=2", "--set", "training.local_steps=2"],
+        capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n|") == 7  # header rule + 6 arms
+    assert (tmp_path / "results.png").stat().st_size > 10_000
