@@ -74,29 +74,12 @@ class DataConfig(Strict):
     fallback: bool = False
 
 
-Cloud = Literal["aws", "gcp", "azure", "onprem"]
-
-
 class SiteProfile(Strict):
-    """What a site declares about itself. `compute` is relative speed (capacity partitioning);
-    the link (Mbit/s, one-way ms) drives adaptive compression and link emulation; `cloud` or
-    `egress_usd_per_gb` price its traffic (the table is in `fedsky.accounting`)."""
+    """What a site declares about itself. `compute` is relative speed (capacity partitioning)."""
 
     compute: float = Field(1.0, gt=0)
-    bandwidth_mbps: float = Field(1000.0, gt=0)  # both directions, unless up/down are given
-    up_mbps: float | None = Field(None, gt=0)  # site -> coordinator
-    down_mbps: float | None = Field(None, gt=0)  # coordinator -> site
+    bandwidth_mbps: float = Field(1000.0, gt=0)
     latency_ms: float = Field(0.0, ge=0)
-    cloud: Cloud | None = None  # egress price preset
-    egress_usd_per_gb: float | None = Field(None, ge=0)  # overrides the preset
-
-    @property
-    def up(self) -> float:
-        return self.up_mbps or self.bandwidth_mbps
-
-    @property
-    def down(self) -> float:
-        return self.down_mbps or self.bandwidth_mbps
 
 
 class SiteConfig(Strict):
@@ -184,113 +167,10 @@ StrategyConfig = Annotated[
 ]
 
 
-class CastStage(Strict):
-    """Values as 16-bit floats: 2x fewer bytes; local-SGD deltas survive it (DiLoCo)."""
-
-    name: Literal["cast"]
-    dtype: Literal["fp16", "bf16"] = "fp16"
-
-
-class QuantizeStage(Strict):
-    """b-bit codes on a uniform grid over [-s, s] (QSGD-style, Alistarh et al. 2017).
-
-    s is each chunk's max |value|, or `scale` for every chunk of every site: a shared grid
-    agreed in advance, so integer codes can be summed (what secure aggregation will need);
-    values beyond it are clipped, and error feedback carries the clipped part to later rounds.
-    """
-
-    name: Literal["quantize"]
-    bits: Literal[2, 4, 8] = 8
-    chunk: int = Field(4096, ge=1)  # values per scale
-    stochastic: bool = True  # unbiased rounding; false: round to nearest (biased, half the error)
-    scale: float | None = Field(None, gt=0)
-
-
-class TopKStage(Strict):
-    """The largest |values| of every chunk (Stich et al. 2018), with error feedback."""
-
-    name: Literal["topk"]
-    density: float = Field(0.01, gt=0, le=1)  # fraction kept
-    chunk: int = Field(4096, ge=1, le=1 << 15)  # offsets within a chunk travel as int16
-
-
-class RandKStage(Strict):
-    """A random subset, the same at every site in a round (seeded from the job and round)."""
-
-    name: Literal["randk"]
-    density: float = Field(0.01, gt=0, le=1)
-
-
-class LowRankStage(Strict):
-    """PowerSGD (Vogels et al. 2019): rank-r factors of each 2-D tensor; the rest as is."""
-
-    name: Literal["lowrank"]
-    rank: int = Field(4, gt=0)
-
-
-class ZstdStage(Strict):
-    """Lossless zstd over the whole serialized payload."""
-
-    name: Literal["zstd"]
-    level: int = Field(3, ge=1, le=22)
-
-
-class AdaptiveStage(Strict):
-    """Each site, each round, keeps the density (and, below `min_density`, the quantize
-    bit-width) at which its upload fits `budget_s` on its declared uplink."""
-
-    name: Literal["adaptive"]
-    budget_s: float = Field(gt=0)  # per-round upload time: latency + bytes / bandwidth
-    min_density: float = Field(1e-4, gt=0, le=1)
-    max_density: float = Field(0.1, gt=0, le=1)
-
-
-StageConfig = Annotated[
-    CastStage | QuantizeStage | TopKStage | RandKStage | LowRankStage | ZstdStage | AdaptiveStage,
-    Field(discriminator="name"),
-]
-
-# The order stages run in: reshape the update, then code its values, then the bytes.
-STAGE_STEP = {"topk": 0, "randk": 0, "lowrank": 0, "cast": 1, "quantize": 1, "zstd": 2}
-
-
-def _check_pipeline(direction: str, stages: list[Any]) -> None:
-    names = [st.name for st in stages]
-    steps = [STAGE_STEP[n] for n in names if n != "adaptive"]
-    if len(set(steps)) != len(steps) or steps != sorted(steps) or names.count("adaptive") > 1:
-        raise ValueError(
-            f"codec.{direction} = {names}: stages run in the order [topk | randk | lowrank] -> "
-            "[cast | quantize] -> [zstd], at most one of each group (plus one adaptive)")
-    if "adaptive" in names:
-        if direction == "downlink":
-            raise ValueError("codec.downlink: adaptive is per site and per upload; the downlink "
-                             "sends one payload to many sites, so it has no adaptive stage")
-        if not {"topk", "randk"} & set(names):
-            raise ValueError("codec.uplink: adaptive chooses a density, so it needs a topk or "
-                             "randk stage in the same pipeline")
-        ad = next(st for st in stages if st.name == "adaptive")
-        if ad.min_density > ad.max_density:
-            raise ValueError("codec.uplink: adaptive min_density exceeds max_density")
-
-
 class CodecConfig(Strict):
-    """How updates are encoded on the wire, each way: a pipeline of stages per direction.
+    """How an update is encoded on the wire; later issues add compression, DP and encryption."""
 
-    The uplink carries each site's update; the downlink the change of the global model since
-    the one the site holds (the whole model when it holds none). Empty pipelines send fp32.
-    """
-
-    uplink: list[StageConfig] = Field(default_factory=list)
-    downlink: list[StageConfig] = Field(default_factory=list)
-    # The site keeps what compression dropped and adds it to its next update (Karimireddy et
-    # al. 2019). The downlink needs no switch: each delta is taken against what the site holds.
-    error_feedback: bool = True
-
-    @model_validator(mode="after")
-    def _stage_order(self) -> CodecConfig:
-        _check_pipeline("uplink", self.uplink)
-        _check_pipeline("downlink", self.downlink)
-        return self
+    name: Literal["identity", "fp16"] = "identity"
 
 
 class CoordinatorConfig(Strict):
@@ -298,8 +178,6 @@ class CoordinatorConfig(Strict):
     sites_per_round: int | None = Field(None, gt=0)  # None: every site, every round
     round_deadline_s: float = Field(600.0, gt=0)
     join_timeout_s: float = Field(120.0, gt=0)  # gRPC: how long to wait for sites to connect
-    cloud: Cloud | None = None  # where the coordinator runs: prices the downlink's egress
-    egress_usd_per_gb: float | None = Field(None, ge=0)  # overrides the preset
 
 
 class TransportConfig(Strict):
@@ -310,8 +188,6 @@ class TransportConfig(Strict):
     tls_cert: str | None = None  # coordinator certificate (PEM); with tls_key, enables TLS
     tls_key: str | None = None
     tls_ca: str | None = None  # what workers trust; defaults to tls_cert (self-signed)
-    # In-process only: delay each transfer by latency + bytes / bandwidth of the site's link.
-    emulate_links: bool = False
 
     @model_validator(mode="after")
     def _tls_pair(self) -> TransportConfig:
@@ -380,9 +256,6 @@ class JobConfig(Strict):
             )
         if self.data.partition == "dirichlet" and self.data.label_column is None:
             raise ValueError("data.partition = 'dirichlet' needs data.label_column")
-        if self.transport.emulate_links and self.transport.kind != "inprocess":
-            raise ValueError("transport.emulate_links applies to the in-process transport; over "
-                             "gRPC the links are real (shape them with tc, or drop the flag)")
         return self
 
 
