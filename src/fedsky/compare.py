@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from fedsky.metrics import human_bytes
-from fedsky.report import LOSS, Run, curves, epsilon_values, fmt, line_plot, load_run, png_bytes
+from fedsky.report import LOSS, fmt, line_plot, png_bytes
+from fedsky.rundir import Run, curves, epsilon_values, load_run
 
 
 @dataclass
