@@ -130,3 +130,11 @@ def test_extends_inherits_and_overrides_a_base(tmp_path: Path, corpus_file: Path
     loop.write_text('extends = "loop.toml"\n')
     with pytest.raises(FedskyError, match="loops back"):
         load_job(loop)
+
+
+def test_extends_replaces_a_table_of_another_kind(tmp_path: Path, corpus_file: Path) -> None:
+    tiny_job(tmp_path, corpus_file, '[strategy]\nname = "fedavg"\nweighting = "uniform"')
+    arm = tmp_path / "arm.toml"
+    arm.write_text('extends = "job.toml"\n[strategy]\nname = "dynamic"\nrule = "softmax"\n')
+    job, _ = load_job(arm)  # fedavg's `weighting` must not leak into dynamic
+    assert job.strategy.name == "dynamic" and job.strategy.rule == "softmax"

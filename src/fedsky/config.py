@@ -320,10 +320,13 @@ def parse_job(raw: dict[str, Any], source: str = "job") -> JobConfig:
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Tables merge key by key; anything else (values, lists such as `sites`) is replaced."""
+    """Tables merge key by key; anything else (values, lists such as `sites`) is replaced, and
+    so is a table that names a different kind (`[strategy] name = ...`): its keys differ."""
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        old = out.get(key)
+        if (isinstance(value, dict) and isinstance(old, dict)
+                and value.get("name", old.get("name")) == old.get("name")):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
