@@ -40,6 +40,7 @@ class SiteUpdate:
     loss_before: float = math.nan  # global model's loss on the site's probe sequences
     loss_after: float = math.nan  # local model's loss on the same sequences, after training
     bandwidth_mbps: float = math.nan  # the site's link (declared, or measured by the transport)
+    privacy: dict[str, Any] | None = None  # a private site's report: epsilon spent, its noise
 
 
 class Strategy(Protocol):
@@ -88,22 +89,6 @@ def apply_mean(global_params: Params, updates: list[SiteUpdate],
     return {k: v + mean[k] for k, v in global_params.items()}
 
 
-class FedAvg:
-    def __init__(self, cfg: FedAvgConfig) -> None:
-        self.cfg = cfg
-
-    def init_state(self, global_params: Params) -> dict[str, Any]:
-        return {}
-
-    def weights(self, updates: list[SiteUpdate], state: dict[str, Any]) -> dict[str, float]:
-        return sample_weights(updates, self.cfg.weighting)
-
-    def aggregate(
-        self, global_params: Params, updates: list[SiteUpdate], state: dict[str, Any]
-    ) -> tuple[Params, dict[str, Any]]:
-        return apply_mean(global_params, updates, self.weights(updates, state)), state
-
-
 def dynamic_weights(updates: list[SiteUpdate], cfg: DynamicConfig) -> dict[str, float]:
     """The dynamic rules as closed forms over the sites' reported numbers."""
     sites = [u.site for u in updates]
@@ -123,20 +108,23 @@ def dynamic_weights(updates: list[SiteUpdate], cfg: DynamicConfig) -> dict[str, 
     return normalise(sites, [math.exp(-(x - low) / cfg.temperature) for x in losses])
 
 
-class Dynamic:
-    def __init__(self, cfg: DynamicConfig) -> None:
-        self.cfg = cfg
+class WeightedMean:
+    """FedAvg and the dynamic rules: global + the weighted mean delta; they differ only in how
+    the weights are computed from the sites' reports."""
+
+    def __init__(self, weigh: Callable[[list[SiteUpdate]], dict[str, float]]) -> None:
+        self.weigh = weigh
 
     def init_state(self, global_params: Params) -> dict[str, Any]:
         return {}
 
     def weights(self, updates: list[SiteUpdate], state: dict[str, Any]) -> dict[str, float]:
-        return dynamic_weights(updates, self.cfg)
+        return self.weigh(updates)
 
     def aggregate(
         self, global_params: Params, updates: list[SiteUpdate], state: dict[str, Any]
     ) -> tuple[Params, dict[str, Any]]:
-        return apply_mean(global_params, updates, self.weights(updates, state)), state
+        return apply_mean(global_params, updates, self.weigh(updates)), state
 
 
 class FedOpt:
@@ -212,9 +200,17 @@ class Robust:
         return out, state
 
 
+def _fedavg(cfg: FedAvgConfig) -> Strategy:
+    return WeightedMean(lambda updates: sample_weights(updates, cfg.weighting))
+
+
+def _dynamic(cfg: DynamicConfig) -> Strategy:
+    return WeightedMean(lambda updates: dynamic_weights(updates, cfg))
+
+
 STRATEGIES: dict[str, Callable[[Any], Strategy]] = {
-    "fedavg": FedAvg,
-    "dynamic": Dynamic,
+    "fedavg": _fedavg,
+    "dynamic": _dynamic,
     "fedopt": FedOpt,
     "median": Robust,
     "trimmed_mean": Robust,
