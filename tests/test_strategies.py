@@ -153,3 +153,15 @@ def test_median_and_trimmed_mean() -> None:
     torch.testing.assert_close(trim["w"], torch.tensor([3.0, 20.0, -2.0]))
     even, _ = make_strategy(RobustConfig(name="median")).aggregate(glob, updates[:4], {})
     assert torch.equal(even["w"], torch.tensor([2.5, 15.0, -1.5]))
+
+
+def test_fedopt_adagrad_first_step_closed_form() -> None:
+    # accumulator starts at tau^2; first step: lr * g / (sqrt(tau^2 + g^2) + tau)
+    lr, tau = 0.1, 1e-3
+    glob = {"w": torch.tensor([1.0, 2.0])}
+    delta = torch.tensor([0.3, -0.1])
+    new, _ = make_strategy(FedOptConfig(optimizer="adagrad", lr=lr, tau=tau)).aggregate(
+        glob, [_update("a", {"w": delta})], {})
+    g = -delta
+    expected = glob["w"] - lr * g / ((tau**2 + g * g).sqrt() + tau)
+    torch.testing.assert_close(new["w"], expected, rtol=0, atol=1e-6)
