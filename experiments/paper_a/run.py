@@ -24,13 +24,17 @@ ARMS = [
     ("fedavg", "fedavg.toml", False),
     ("dynamic (paper-B rule)", "dynamic_paper_b.toml", False),
     ("dynamic (loss-based)", "dynamic_loss.toml", False),
-    ("fedopt-sgd-nesterov (DiLoCo)", "diloco.toml", False),
+    ("fedopt-sgd-nesterov (DiLoCo: lr 0.7, momentum 0.9)", "diloco.toml", False),
+    ("fedopt-sgd-nesterov (lr 1.0, momentum 0.5)", "diloco_short.toml", False),
     ("fedopt-adam", "fedadam.toml", False),
     ("centralized (ceiling)", "base.toml", True),
 ]
 
 
-def run_arm(job: str, out: Path, centralized: bool, overrides: list[str]) -> float:
+def run_arm(job: str, out: Path, centralized: bool, overrides: list[str], reuse: bool) -> float:
+    """Run one arm; returns its wall seconds. With `reuse`, a finished arm is not run again."""
+    if reuse and (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())["elapsed_s"]
     cmd = [sys.executable, "-m", "fedsky", "run", str(HERE / job),
            "--set", f'output_dir="{out}"', *sum((["--set", s] for s in overrides), [])]
     if centralized:
@@ -105,6 +109,8 @@ def main() -> None:
     ap.add_argument("--target-ppl", type=float, default=300.0)
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     ap.add_argument("--results", default=str(HERE), help="where results.md/png go")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep arms that already finished in --out (resume an interrupted run)")
     args = ap.parse_args()
     shared = REPO.parent / "shared" / "data"
     if "FEDSKY_DATA" not in os.environ and shared.is_dir():
@@ -113,7 +119,7 @@ def main() -> None:
     for i, (label, job, centralized) in enumerate(ARMS, 1):
         out = Path(args.out) / Path(job).stem / ("centralized" if centralized else "")
         print(f"[{i}/{len(ARMS)}] {label} ...", file=sys.stderr, flush=True)
-        wall = run_arm(job, out, centralized, args.overrides)
+        wall = run_arm(job, out, centralized, args.overrides, args.reuse)
         rows.append(arm_row(label, out, wall, args.target_ppl))
         print(f"      eval loss {rows[-1]['eval_loss']:.4f} in {wall:.0f} s",
               file=sys.stderr, flush=True)

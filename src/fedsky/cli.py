@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -25,7 +26,9 @@ def _setup_logging(verbose: bool) -> None:
     if sys.stderr.isatty():
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(show_path=False, show_time=False)
+        from fedsky.metrics import CONSOLE
+
+        handler: logging.Handler = RichHandler(console=CONSOLE, show_path=False, show_time=False)
         fmt = "%(message)s"
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -199,6 +202,37 @@ def worker(
 
     serve_site(coordinator, site, token, site_factory(data),
                tls_ca=str(tls_ca) if tls_ca else None, connect_retries=retries)
+
+
+privacy_app = typer.Typer(no_args_is_help=True, help="Differential privacy tools.")
+app.add_typer(privacy_app, name="privacy")
+
+
+@privacy_app.command("plan")
+def privacy_plan(
+    epsilon: Annotated[float, typer.Option(help="Target epsilon")],
+    data_size: Annotated[int, typer.Option(help="Records (sequences) at the site")],
+    batch: Annotated[int, typer.Option(help="Expected batch (training.batch_size)")],
+    steps: Annotated[int, typer.Option(help="DP-SGD steps in all: rounds x local_steps")],
+    delta: Annotated[float, typer.Option(help="Target delta")] = 1e-5,
+    accountant: Annotated[str, typer.Option(help="pld (tighter) or rdp")] = "pld",
+) -> None:
+    """Print the DP-SGD noise multiplier that keeps a site within (epsilon, delta).
+
+    The line printed is TOML for the job's privacy.dp_sgd table."""
+    if accountant not in ("pld", "rdp"):
+        raise FedskyError(f"--accountant {accountant!r}: use pld or rdp")
+    if not (epsilon > 0 and 0 < delta < 1 and steps > 0 and 0 < batch <= data_size):
+        raise FedskyError("need --epsilon > 0, 0 < --delta < 1, --steps > 0 and "
+                          "0 < --batch <= --data-size")
+    from fedsky.privacy import Mechanism, plan_noise
+    from fedsky.privacy import epsilon as spent
+
+    q = batch / data_size
+    z = math.ceil(plan_noise(epsilon, delta, q, steps, accountant) * 1e4) / 1e4  # round up
+    eps = spent([Mechanism(q, z, steps)], delta, accountant)  # type: ignore[arg-type]
+    print(f"noise_multiplier = {z:.4f}  # {accountant}: epsilon {eps:.3f} at delta {delta:g}; "
+          f"sample rate {q:.4g}, {steps} steps")
 
 
 def main() -> None:

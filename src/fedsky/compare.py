@@ -32,8 +32,16 @@ def labels(runs: list[Run]) -> list[str]:
             else r.path.name for r in runs]
 
 
+def _codec_label(codec: dict[str, Any]) -> str:
+    """`identity` (fp32 both ways), or each direction's stages: `up quantize+zstd, down fp32`."""
+    up, down = ("+".join(st["name"] for st in codec.get(d) or []) for d in ("uplink", "downlink"))
+    return f"up {up or 'fp32'}, down {down or 'fp32'}" if up or down else "identity"
+
+
 def _setting(config: dict[str, Any] | None, section: str) -> str:
     value = (config or {}).get(section)
+    if section == "codec" and isinstance(value, dict) and "uplink" in value:
+        return _codec_label(value)
     if isinstance(value, dict):
         value = value.get("name", value.get("kind"))
     return str(value) if value is not None else "-"

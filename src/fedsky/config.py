@@ -74,12 +74,29 @@ class DataConfig(Strict):
     fallback: bool = False
 
 
+Cloud = Literal["aws", "gcp", "azure", "onprem"]
+
+
 class SiteProfile(Strict):
-    """What a site declares about itself. `compute` is relative speed (capacity partitioning)."""
+    """What a site declares about itself. `compute` is relative speed (capacity partitioning);
+    the link (Mbit/s, one-way ms) drives adaptive compression and link emulation; `cloud` or
+    `egress_usd_per_gb` price its traffic (the table is in `fedsky.accounting`)."""
 
     compute: float = Field(1.0, gt=0)
-    bandwidth_mbps: float = Field(1000.0, gt=0)
+    bandwidth_mbps: float = Field(1000.0, gt=0)  # both directions, unless up/down are given
+    up_mbps: float | None = Field(None, gt=0)  # site -> coordinator
+    down_mbps: float | None = Field(None, gt=0)  # coordinator -> site
     latency_ms: float = Field(0.0, ge=0)
+    cloud: Cloud | None = None  # egress price preset
+    egress_usd_per_gb: float | None = Field(None, ge=0)  # overrides the preset
+
+    @property
+    def up(self) -> float:
+        return self.up_mbps or self.bandwidth_mbps
+
+    @property
+    def down(self) -> float:
+        return self.down_mbps or self.bandwidth_mbps
 
 
 class SiteConfig(Strict):
@@ -97,6 +114,10 @@ class TrainingConfig(Strict):
     local_steps: int = Field(10, gt=0)
     batch_size: int = Field(16, gt=0)
     seq_len: int = Field(64, gt=1)
+    # How a step's batch is drawn: `uniform`, batch_size sequences with replacement; `poisson`,
+    # each sequence independently with probability batch_size / N (the batch size is then the
+    # expected one; DP-SGD's accounting assumes it).
+    sampling: Literal["uniform", "poisson"] = "uniform"
     grad_clip: float | None = Field(1.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # CPU threads per process (None: torch's default). Float sums depend on the thread count,
@@ -167,10 +188,113 @@ StrategyConfig = Annotated[
 ]
 
 
-class CodecConfig(Strict):
-    """How an update is encoded on the wire; later issues add compression, DP and encryption."""
+class CastStage(Strict):
+    """Values as 16-bit floats: 2x fewer bytes; local-SGD deltas survive it (DiLoCo)."""
 
-    name: Literal["identity", "fp16"] = "identity"
+    name: Literal["cast"]
+    dtype: Literal["fp16", "bf16"] = "fp16"
+
+
+class QuantizeStage(Strict):
+    """b-bit codes on a uniform grid over [-s, s] (QSGD-style, Alistarh et al. 2017).
+
+    s is each chunk's max |value|, or `scale` for every chunk of every site: a shared grid
+    agreed in advance, so integer codes can be summed (what secure aggregation will need);
+    values beyond it are clipped, and error feedback carries the clipped part to later rounds.
+    """
+
+    name: Literal["quantize"]
+    bits: Literal[2, 4, 8] = 8
+    chunk: int = Field(4096, ge=1)  # values per scale
+    stochastic: bool = True  # unbiased rounding; false: round to nearest (biased, half the error)
+    scale: float | None = Field(None, gt=0)
+
+
+class TopKStage(Strict):
+    """The largest |values| of every chunk (Stich et al. 2018), with error feedback."""
+
+    name: Literal["topk"]
+    density: float = Field(0.01, gt=0, le=1)  # fraction kept
+    chunk: int = Field(4096, ge=1, le=1 << 15)  # offsets within a chunk travel as int16
+
+
+class RandKStage(Strict):
+    """A random subset, the same at every site in a round (seeded from the job and round)."""
+
+    name: Literal["randk"]
+    density: float = Field(0.01, gt=0, le=1)
+
+
+class LowRankStage(Strict):
+    """PowerSGD (Vogels et al. 2019): rank-r factors of each 2-D tensor; the rest as is."""
+
+    name: Literal["lowrank"]
+    rank: int = Field(4, gt=0)
+
+
+class ZstdStage(Strict):
+    """Lossless zstd over the whole serialized payload."""
+
+    name: Literal["zstd"]
+    level: int = Field(3, ge=1, le=22)
+
+
+class AdaptiveStage(Strict):
+    """Each site, each round, keeps the density (and, below `min_density`, the quantize
+    bit-width) at which its upload fits `budget_s` on its declared uplink."""
+
+    name: Literal["adaptive"]
+    budget_s: float = Field(gt=0)  # per-round upload time: latency + bytes / bandwidth
+    min_density: float = Field(1e-4, gt=0, le=1)
+    max_density: float = Field(0.1, gt=0, le=1)
+
+
+StageConfig = Annotated[
+    CastStage | QuantizeStage | TopKStage | RandKStage | LowRankStage | ZstdStage | AdaptiveStage,
+    Field(discriminator="name"),
+]
+
+# The order stages run in: reshape the update, then code its values, then the bytes.
+STAGE_STEP = {"topk": 0, "randk": 0, "lowrank": 0, "cast": 1, "quantize": 1, "zstd": 2}
+
+
+def _check_pipeline(direction: str, stages: list[Any]) -> None:
+    names = [st.name for st in stages]
+    steps = [STAGE_STEP[n] for n in names if n != "adaptive"]
+    if len(set(steps)) != len(steps) or steps != sorted(steps) or names.count("adaptive") > 1:
+        raise ValueError(
+            f"codec.{direction} = {names}: stages run in the order [topk | randk | lowrank] -> "
+            "[cast | quantize] -> [zstd], at most one of each group (plus one adaptive)")
+    if "adaptive" in names:
+        if direction == "downlink":
+            raise ValueError("codec.downlink: adaptive is per site and per upload; the downlink "
+                             "sends one payload to many sites, so it has no adaptive stage")
+        if not {"topk", "randk"} & set(names):
+            raise ValueError("codec.uplink: adaptive chooses a density, so it needs a topk or "
+                             "randk stage in the same pipeline")
+        ad = next(st for st in stages if st.name == "adaptive")
+        if ad.min_density > ad.max_density:
+            raise ValueError("codec.uplink: adaptive min_density exceeds max_density")
+
+
+class CodecConfig(Strict):
+    """How updates are encoded on the wire, each way: a pipeline of stages per direction.
+
+    The uplink carries each site's update; the downlink the change of the global model since
+    the one the site holds (the whole model when it holds none). Empty pipelines send fp32.
+    """
+
+    uplink: list[StageConfig] = Field(default_factory=list)
+    downlink: list[StageConfig] = Field(default_factory=list)
+    # The site keeps what compression dropped and adds it to its next update (Karimireddy et
+    # al. 2019). The downlink needs no switch: each delta is taken against what the site holds.
+    error_feedback: bool = True
+
+    @model_validator(mode="after")
+    def _stage_order(self) -> CodecConfig:
+        _check_pipeline("uplink", self.uplink)
+        _check_pipeline("downlink", self.downlink)
+        return self
 
 
 class CoordinatorConfig(Strict):
@@ -178,6 +302,8 @@ class CoordinatorConfig(Strict):
     sites_per_round: int | None = Field(None, gt=0)  # None: every site, every round
     round_deadline_s: float = Field(600.0, gt=0)
     join_timeout_s: float = Field(120.0, gt=0)  # gRPC: how long to wait for sites to connect
+    cloud: Cloud | None = None  # where the coordinator runs: prices the downlink's egress
+    egress_usd_per_gb: float | None = Field(None, ge=0)  # overrides the preset
 
 
 class TransportConfig(Strict):
@@ -188,6 +314,8 @@ class TransportConfig(Strict):
     tls_cert: str | None = None  # coordinator certificate (PEM); with tls_key, enables TLS
     tls_key: str | None = None
     tls_ca: str | None = None  # what workers trust; defaults to tls_cert (self-signed)
+    # In-process only: delay each transfer by latency + bytes / bandwidth of the site's link.
+    emulate_links: bool = False
 
     @model_validator(mode="after")
     def _tls_pair(self) -> TransportConfig:
@@ -214,6 +342,70 @@ class TrackingConfig(Strict):
         return self
 
 
+class DpSgdConfig(Strict):
+    """Record-level DP-SGD at every site (Abadi et al. 2016): per-sequence gradients clipped to
+    `max_grad_norm`, Gaussian noise of std noise_multiplier * max_grad_norm on their sum."""
+
+    noise_multiplier: float | None = Field(None, ge=0)
+    # Or: each site plans the smallest multiplier that keeps rounds * local_steps steps at its
+    # own sample rate within (target_epsilon, delta).
+    target_epsilon: float | None = Field(None, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "pld"] = "pld"  # for planning and the budget; both are reported
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> DpSgdConfig:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("set exactly one of noise_multiplier and target_epsilon")
+        return self
+
+
+class AdaptiveClipConfig(Strict):
+    """Clip at a noised quantile of the update norms, learned online (Andrew et al. 2021)."""
+
+    quantile: float = Field(0.5, gt=0, lt=1)  # target fraction of updates left unclipped
+    initial: float = Field(0.1, gt=0)  # C in the first round
+    lr: float = Field(0.2, gt=0)  # geometric step size
+    count_noise: float | None = Field(None, gt=0)  # std on the unclipped count; None: sites/20
+
+
+class ClientDpConfig(Strict):
+    """Client-level DP on each site's update (DP-FedAvg, McMahan et al. 2018): clip the update
+    to L2 norm C, add Gaussian noise of std noise_multiplier * C to the sum of updates."""
+
+    clip: float | AdaptiveClipConfig = Field(union_mode="left_to_right")
+    noise_multiplier: float = Field(ge=0)
+    # central: the coordinator clips and noises; distributed: each site clips and adds its
+    # share N(0, (z C)^2 / sites per round), so no one sees an un-noised update.
+    placement: Literal["central", "distributed"] = "central"
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "pld"] = "pld"
+
+    @field_validator("clip")
+    @classmethod
+    def _positive(cls, clip: float | AdaptiveClipConfig) -> float | AdaptiveClipConfig:
+        if isinstance(clip, float) and clip <= 0:
+            raise ValueError("clip must be > 0 (a norm), or a table {quantile, initial, lr}")
+        return clip
+
+
+class PrivacyConfig(Strict):
+    dp_sgd: DpSgdConfig | None = None
+    client: ClientDpConfig | None = None
+    # Stop training (checkpoint written) before any epsilon the run accounts would exceed it.
+    budget_epsilon: float | None = Field(None, gt=0)
+    # Noise and Poisson sampling from the OS CSPRNG; false: seeded, reproducible, not private.
+    secure_mode: bool = True
+
+    @model_validator(mode="after")
+    def _something_on(self) -> PrivacyConfig:
+        if self.dp_sgd is None and self.client is None:
+            raise ValueError("[privacy] needs a dp_sgd or a client table (budget_epsilon "
+                             "needs an accountant, and an accountant needs a mechanism)")
+        return self
+
+
 class JobConfig(Strict):
     name: str = "job"
     seed: int = 0
@@ -229,6 +421,7 @@ class JobConfig(Strict):
     coordinator: CoordinatorConfig = CoordinatorConfig()
     transport: TransportConfig = TransportConfig()
     tracking: TrackingConfig | None = None
+    privacy: PrivacyConfig | None = None
 
     @field_validator("sites")
     @classmethod
@@ -256,7 +449,35 @@ class JobConfig(Strict):
             )
         if self.data.partition == "dirichlet" and self.data.label_column is None:
             raise ValueError("data.partition = 'dirichlet' needs data.label_column")
+        if self.transport.emulate_links and self.transport.kind != "inprocess":
+            raise ValueError("transport.emulate_links applies to the in-process transport; over "
+                             "gRPC the links are real (shape them with tc, or drop the flag)")
+        if self.privacy is not None:
+            _check_privacy(self)
         return self
+
+
+def _check_privacy(job: JobConfig) -> None:
+    """Cross-field rules of [privacy] (called from JobConfig._cross_field)."""
+    priv = job.privacy
+    assert priv is not None
+    if priv.dp_sgd is not None and job.training.sampling != "poisson":
+        raise ValueError("privacy.dp_sgd needs training.sampling = 'poisson': its accounting "
+                         "assumes each sequence joins a batch independently, with probability "
+                         "batch_size / N")
+    if job.strategy.name == "dynamic":
+        raise ValueError("privacy: strategy 'dynamic' weighs sites by losses on their data, "
+                         "which private sites do not report (they are not covered by epsilon)")
+    client = priv.client
+    if client is None:
+        return
+    if job.strategy.name not in ("fedavg", "fedopt") or job.strategy.weighting != "uniform":
+        raise ValueError("privacy.client needs strategy fedavg or fedopt with weighting = "
+                         "'uniform': the noise is calibrated to one clipped update in a plain sum")
+    if client.placement == "distributed" and not isinstance(client.clip, float):
+        raise ValueError("privacy.client: adaptive clipping needs placement = 'central' (the "
+                         "coordinator learns the clip from the updates' norms); give a fixed "
+                         "clip for distributed noise")
 
 
 _HINTS = {

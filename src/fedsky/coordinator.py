@@ -15,16 +15,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsky.accounting import round_accounting
 from fedsky.checkpoint import save_checkpoint
-from fedsky.codecs import Codec
+from fedsky.codecs import Codec, Codecs
 from fedsky.config import JobConfig
+from fedsky.downlink import Downlink
+from fedsky.dp_aggregation import account_round, read_report
 from fedsky.errors import FedskyError
 from fedsky.evaluation import evaluate
 from fedsky.metrics import RunLog
 from fedsky.model import load_trainable
+from fedsky.site import link_seeds
 from fedsky.strategies import Params, SiteUpdate, Strategy
 from fedsky.transport.base import Transport
-from fedsky.wire import pack, unpack
+from fedsky.wire import unpack
 
 log = logging.getLogger("fedsky.coordinator")
 
@@ -37,7 +41,7 @@ class RoundContext:
     eval_data: torch.Tensor  # (N, T)
     device: torch.device
     strategy: Strategy
-    codec: Codec
+    codec: Codecs  # the coordinator's: decodes uplinks, encodes the downlink
     log: RunLog
     checkpoint_path: Path
 
@@ -59,7 +63,7 @@ def decode_reply(blob: bytes, round_idx: int, site: str, global_params: Params,
     if header.get("round") != round_idx or header.get("site") != site:
         raise FedskyError(f"reply from {site} is for round {header.get('round')} "
                           f"of site {header.get('site')}, expected round {round_idx}")
-    delta = codec.decode(tensors, header.get("codec", {}))
+    delta = codec.decode(tensors, header.get("codec", {}), global_params)
     if delta.keys() != global_params.keys():
         raise FedskyError(f"update from {site} has different tensor names")
     for name, t in delta.items():
@@ -77,6 +81,7 @@ def decode_reply(blob: bytes, round_idx: int, site: str, global_params: Params,
         loss_before=float(header["loss_before"]),
         loss_after=float(header["loss_after"]),
         bandwidth_mbps=bandwidth_mbps,
+        privacy=read_report(header.get("privacy"), site),
     )
 
 
@@ -91,12 +96,16 @@ def run_rounds(
 ) -> Params:
     """Run rounds `start_round .. job.rounds - 1`; returns the final global tensors."""
     bandwidth = {s.name: s.profile.bandwidth_mbps for s in job.sites}  # declared, Mbit/s
+    # What each site holds: at the start, the initial model every site built; after a restart,
+    # unknown (so each site gets the whole model once).
+    downlink = Downlink(ctx.codec.downlink, global_params if start_round == 0 else None)
+    fp32_bytes = 4 * sum(t.numel() for t in global_params.values())  # one dense fp32 update
     for r in range(start_round, job.rounds):
         t0 = time.perf_counter()
         selected = select_sites(job, r, sites)
-        task = pack(global_params, {"round": r})
-        replies = transport.exchange(r, {s: task for s in selected},
-                                     job.coordinator.round_deadline_s)
+        tasks = downlink.tasks(r, selected, global_params, link_seeds(job.seed, r, None))
+        replies = transport.exchange(r, tasks, job.coordinator.round_deadline_s)
+        downlink.confirm(replies)
 
         updates: list[SiteUpdate] = []
         rejected: dict[str, str] = {}
@@ -104,7 +113,7 @@ def run_rounds(
             if site in replies:
                 try:
                     updates.append(decode_reply(replies[site], r, site, global_params,
-                                                ctx.codec, bandwidth[site]))
+                                                ctx.codec.uplink, bandwidth[site]))
                 except FedskyError as err:
                     rejected[site] = str(err)
                     log.warning("round %d: rejected update from %s: %s", r, site, err)
@@ -114,9 +123,10 @@ def run_rounds(
             "selected": selected,
             "participants": [u.site for u in updates],
             "dropped": dropped,
-            "bytes_down": {s: len(task) for s in selected},
+            "bytes_down": {s: len(tasks[s]) for s in selected},
             "bytes_up": {s: len(replies[s]) for s in selected if s in replies},
         }
+        rec.update(round_accounting(job, rec["bytes_up"], rec["bytes_down"], fp32_bytes))
         if len(updates) < job.coordinator.min_sites:
             rec["skipped"] = (f"{len(updates)} update(s), quorum is "
                               f"{job.coordinator.min_sites}")
@@ -145,8 +155,12 @@ def run_rounds(
                             "loss_before": u.loss_before, "loss_after": u.loss_after,
                             "weight": weights[u.site]} for u in updates},
         )
+        stop = account_round(job, rec, state) if job.privacy is not None else None
         ctx.log.round(rec)
         # After the metrics line: a crash in between leaves the checkpoint one round behind,
         # and resuming redoes that round (its metrics line is replaced).
         save_checkpoint(ctx.checkpoint_path, r, global_params, state)
+        if stop is not None:  # the privacy budget would not survive another round
+            ctx.log.info(stop)
+            break
     return global_params

@@ -15,6 +15,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
+# One console for progress and log lines, so log lines print above the live progress bar.
+CONSOLE = Console(stderr=True)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":
@@ -23,17 +27,34 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def _ratio(rec: dict[str, Any], direction: str) -> str:
+    """` (123x)`: this round's fp32 bytes over the bytes sent that way, when recorded."""
+    sent = rec.get(f"bytes_{direction}") or {}
+    if "fp32_bytes" not in rec or not sum(sent.values()):
+        return ""
+    return f" ({rec['fp32_bytes'] * len(sent) / sum(sent.values()):.0f}x)"
+
+
 def round_line(rec: dict[str, Any], total_rounds: int) -> str:
     if rec.get("skipped"):
         return f"round {rec['round'] + 1}/{total_rounds}: skipped ({rec['skipped']})"
     up = sum(rec["bytes_up"].values())
     down = sum(rec["bytes_down"].values())
     dropped = f"  dropped {','.join(rec['dropped'])}" if rec["dropped"] else ""
+    cost = f"  ${sum(rec['cost_usd'].values()):.2g}" if rec.get("cost_usd") else ""
     return (
         f"round {rec['round'] + 1}/{total_rounds}: eval loss {rec['eval_loss']:.4f}  "
         f"ppl {rec['perplexity']:.1f}  acc {rec['accuracy']:.3f}  "
-        f"up {human_bytes(up)}  down {human_bytes(down)}  {rec['wall_s']:.1f}s{dropped}"
+        f"up {human_bytes(up)}{_ratio(rec, 'up')}  down {human_bytes(down)}{_ratio(rec, 'down')}"
+        f"{cost}{_epsilon(rec)}  {rec['wall_s']:.1f}s{dropped}"
     )
+
+
+def _epsilon(rec: dict[str, Any]) -> str:
+    """`  eps 2.31`: the largest epsilon spent so far (by a site, or client-level), if any."""
+    spent = [i["epsilon"] for i in (rec.get("sites") or {}).values() if "epsilon" in i]
+    spent += [rec["epsilon"]] if "epsilon" in rec else []
+    return f"  eps {max(spent):.3g}" if spent else ""
 
 
 class RunLog:
@@ -50,7 +71,7 @@ class RunLog:
         self._file = open(out_dir / "metrics.jsonl", "w")  # noqa: SIM115
         for rec in kept:
             self._file.write(json.dumps(rec, sort_keys=True) + "\n")
-        self._console = Console(stderr=True)
+        self._console = CONSOLE
         self._progress: Progress | None = None
         if sys.stderr.isatty():
             self._progress = Progress(
@@ -157,14 +178,41 @@ def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def traffic(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bytes per site and direction, fp32-equivalent ratios and egress cost, over all rounds
+    (a skipped round's bytes were sent too)."""
+    by_site: dict[str, dict[str, float]] = {}
+    fp32 = {"up": 0, "down": 0}
+    for rec in records:
+        for direction in ("up", "down"):
+            sent = rec.get(f"bytes_{direction}") or {}
+            fp32[direction] += rec.get("fp32_bytes", 0) * len(sent)
+            for site, n in sent.items():
+                row = by_site.setdefault(site, {"up": 0, "down": 0, "cost_usd": 0.0})
+                row[direction] += n
+        for site, usd in (rec.get("cost_usd") or {}).items():
+            by_site[site]["cost_usd"] += usd
+        for site, t in (rec.get("transfer_s") or {}).items():
+            by_site[site]["transfer_s"] = by_site[site].get("transfer_s", 0.0) + sum(t.values())
+    out: dict[str, Any] = {"bytes_by_site": by_site}
+    if any("fp32_bytes" in r for r in records):
+        for direction, key in (("up", "compression_ratio"), ("down", "compression_ratio_down")):
+            sent = sum(row[direction] for row in by_site.values())
+            out[key] = fp32[direction] / sent if sent else None
+    if any("cost_usd" in r for r in records):
+        out["cost_usd"] = sum(row["cost_usd"] for row in by_site.values())
+    return out
+
+
 def summarize(records: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
     """Totals over the run and the final model's quality."""
     done = [r for r in records if not r.get("skipped")]
     final = done[-1] if done else {}
-    bytes_up = sum(sum(r["bytes_up"].values()) for r in done)
-    bytes_down = sum(sum(r["bytes_down"].values()) for r in done)
+    bytes_up = sum(sum(r["bytes_up"].values()) for r in records)
+    bytes_down = sum(sum(r["bytes_down"].values()) for r in records)
     return {
         **extra,
+        **traffic(records),
         "rounds_completed": len(done),
         "rounds_skipped": len(records) - len(done),
         "final_eval_loss": final.get("eval_loss"),
@@ -174,7 +222,26 @@ def summarize(records: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str,
         "bytes_down": bytes_down,
         "bytes_total": bytes_up + bytes_down,
         "wall_s": sum(r["wall_s"] for r in records),
+        **privacy_spent(records),
     }
+
+
+def privacy_spent(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each site's epsilon as of its last report, the client-level epsilon, and why the run
+    stopped early (when the budget stopped it); nothing for a run without [privacy]."""
+    out: dict[str, Any] = {}
+    by_site: dict[str, dict[str, float]] = {}
+    for rec in records:
+        for site, info in (rec.get("sites") or {}).items():
+            if "epsilon" in info:
+                by_site[site] = {k: v for k, v in info.items() if k.startswith("epsilon")}
+        if "epsilon" in rec:
+            out["epsilon_client"] = {k: v for k, v in rec.items() if k.startswith("epsilon")}
+        if rec.get("stopped"):
+            out["stopped"] = rec["stopped"]
+    if by_site:
+        out["epsilon_by_site"] = by_site
+    return out
 
 
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:

@@ -18,11 +18,13 @@ from typing import Any
 
 import torch
 
+from fedsky.accounting import links
 from fedsky.checkpoint import load_checkpoint, save_checkpoint
 from fedsky.codecs import make_codec
 from fedsky.config import JobConfig
 from fedsky.coordinator import RoundContext, run_rounds
 from fedsky.data import as_hf_tokenizer
+from fedsky.dp_aggregation import private_strategy
 from fedsky.errors import FedskyError
 from fedsky.evaluation import evaluate
 from fedsky.metrics import RunLog, read_metrics, summarize, write_summary
@@ -112,8 +114,12 @@ def run_federated(
     sites = [s.name for s in job.sites]
     site_tokens = tokens or new_tokens(job)
     # Bind first: a port in use fails in a second, not after the data is ready.
+    if transport_kind == "grpc" and job.transport.emulate_links:
+        raise FedskyError("transport.emulate_links is for the in-process transport; over gRPC "
+                          "the links are real")
+    emulated = links(job) if job.transport.emulate_links else None
     transport: Transport = (grpc_transport(job, site_tokens) if transport_kind == "grpc"
-                            else InProcessTransport(site_factory()))
+                            else InProcessTransport(site_factory(), emulated))
     procs: list[subprocess.Popen] = []
     runlog: RunLog | None = None
     try:
@@ -124,7 +130,7 @@ def run_federated(
         elif transport_kind == "grpc":
             log.info("coordinator listening on %s:%d; waiting for %d sites",
                      job.transport.host, transport.port, len(sites))
-        strategy = make_strategy(job.strategy)
+        strategy = private_strategy(job, make_strategy(job.strategy))
         global_params = trainable_state(p.model)
         state = strategy.init_state(global_params)
         last_done = None
@@ -132,13 +138,14 @@ def run_federated(
             last_done, global_params, state = load_checkpoint(p.out_dir / "checkpoint.safetensors")
             load_trainable(p.model, global_params)
         runlog = RunLog(p.out_dir, job.rounds, f"{job.name} ({transport_kind})", last_done)
-        joined = transport.start(sites, make_setup(job, job_dir, p.tokenizer))
+        resumed_at = 0 if last_done is None else last_done + 1
+        joined = transport.start(sites, make_setup(job, job_dir, p.tokenizer, resumed_at))
         if len(joined) < job.coordinator.min_sites:
             raise FedskyError(f"only {len(joined)} of {len(sites)} sites joined "
                               f"({', '.join(joined) or 'none'}); quorum is "
                               f"{job.coordinator.min_sites}; see {p.out_dir / 'logs'}")
         ev = evaluate(p.model, p.eval_data, job.training.batch_size, p.device)
-        start = 0 if last_done is None else last_done + 1
+        start = resumed_at
         runlog.info(f"{'resuming at round ' + str(start + 1) + ': ' if start else 'initial '}"
                     f"eval loss {ev.loss:.4f} (ppl {ev.perplexity:.1f}); "
                     f"{len(joined)} sites: {', '.join(joined)}")
@@ -208,6 +215,8 @@ def run_centralized(job: JobConfig, job_dir: Path | None) -> dict[str, Any]:
     per_round = (job.coordinator.sites_per_round or len(job.sites)) * job.training.local_steps
     runlog = RunLog(p.out_dir, job.rounds, f"{job.name} (centralized)")
     runlog.info(f"centralized: {len(pooled)} pooled sequences, {per_round} steps per round")
+    if job.privacy is not None:
+        log.warning("centralized: [privacy] is ignored; the pooled-data ceiling trains without DP")
     params = [q for q in p.model.parameters() if q.requires_grad]
     opt = make_optimizer(params, job.training)
     torch.manual_seed(job.seed)

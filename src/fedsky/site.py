@@ -14,9 +14,12 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer as BpeTokenizer
 
-from fedsky.codecs import Codec, make_codec
+from fedsky.accounting import Link
+from fedsky.codecs import Codecs, Params, RoundSeeds, make_codec
 from fedsky.config import JobConfig, parse_job
 from fedsky.data import load_pretrained_tokenizer
+from fedsky.downlink import INITIAL, apply_delta, fingerprint
+from fedsky.dp_training import SitePrivacy
 from fedsky.errors import FedskyError
 from fedsky.evaluation import evaluate
 from fedsky.model import build_model, load_trainable, pick_device, trainable_state
@@ -33,11 +36,23 @@ def round_seed(job_seed: int, round_idx: int, site_index: int) -> int:
     return (job_seed * 1_000_003 + round_idx * 10_007 + site_index) % (2**63)
 
 
-def make_setup(job: JobConfig, job_dir: Path | None, tok: Tokenizer) -> bytes:
-    """What the coordinator hands every site on join: the job and the trained tokenizer."""
+def link_seeds(job_seed: int, round_idx: int, site_index: int | None) -> RoundSeeds:
+    """Seeds for encoding a round's message. `shared` is the same for every sender (rand-k
+    supports line up across sites); `private` is the sender's own (site_index None: the
+    coordinator), salted apart from the training seed of the same round."""
+    sender = -2 if site_index is None else site_index
+    return RoundSeeds(shared=round_seed(job_seed, round_idx, -1),
+                      private=round_seed(job_seed, round_idx, sender) ^ 0x5EED_C0DEC)
+
+
+def make_setup(job: JobConfig, job_dir: Path | None, tok: Tokenizer,
+               resumed_at: int = 0) -> bytes:
+    """What the coordinator hands every site on join: the job and the trained tokenizer (and
+    the round a resumed run starts at, which a private site counts as spent before it)."""
     header = {
         "job": job.model_dump(mode="json"),
         "job_dir": str(job_dir) if job_dir else None,
+        "resumed_at": resumed_at,
         # A pretrained tokenizer is loaded by path at the site; a trained BPE travels whole.
         "tokenizer": tok.to_str() if isinstance(tok, BpeTokenizer) else None,
     }
@@ -52,8 +67,11 @@ class Site:
     model: torch.nn.Module
     data: torch.Tensor  # (N, seq_len) training sequences; never sent anywhere
     probe: torch.Tensor  # (P, seq_len) fixed subset of `data` for the loss reports
-    codec: Codec
+    codecs: Codecs  # the uplink's encoder keeps this site's error-feedback residual
     device: torch.device
+    held: Params | None = None  # the global model as this site last reconstructed it
+    held_round: int | None = None
+    privacy: SitePrivacy | None = None  # with [privacy]: DP-SGD, client noise share, ledger
 
 
 def open_site(name: str, setup: bytes, data_path: str | None = None) -> Site:
@@ -84,29 +102,57 @@ def open_site(name: str, setup: bytes, data_path: str | None = None) -> Site:
     index = names.index(name)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(job.seed + index))
     probe = data[order[: job.training.probe_sequences]]
-    return Site(name, index, job, model, data, probe, make_codec(job.codec), device)
+    codecs = make_codec(job.codec, Link.of(own.profile))
+    privacy = (SitePrivacy.open(job, len(data), int(header.get("resumed_at", 0)))
+               if job.privacy is not None else None)
+    initial = trainable_state(model) if codecs.downlink.lossy else None  # round 0's base
+    return Site(name, index, job, model, data, probe, codecs, device, initial, INITIAL,
+                privacy=privacy)
+
+
+def receive_global(site: Site, task: bytes) -> tuple[int, Params]:
+    """The round and the global model from a task: whole, or a delta to the model held."""
+    tensors, header = unpack(task)
+    round_idx, base = int(header["round"]), header.get("base")
+    if base is None:
+        model = tensors
+    elif base != site.held_round or site.held is None:
+        raise FedskyError(f"site {site.name}: the task for round {round_idx} is a delta from "
+                          f"round {base}'s model, but this site holds round {site.held_round}'s")
+    elif base == INITIAL and header.get("base_sha256") != fingerprint(site.held):
+        raise FedskyError(f"site {site.name}: its initial model differs from the coordinator's "
+                          "(same job and seed, but another torch build or model files?)")
+    else:
+        model = apply_delta(site.held, site.codecs.downlink.decode(tensors, header["codec"],
+                                                                   site.held))
+    site.held, site.held_round = model, round_idx
+    return round_idx, model
 
 
 def train_round(site: Site, task: bytes) -> bytes:
     """One round at the site: load the global tensors, train locally, encode new - old."""
-    global_params, header = unpack(task)
-    round_idx = int(header["round"])
+    round_idx, global_params = receive_global(site, task)
     load_trainable(site.model, global_params)
     batch = site.job.training.batch_size
     loss_before = evaluate(site.model, site.probe, batch, site.device).loss
     seed = round_seed(site.job.seed, round_idx, site.index)
     torch.manual_seed(seed)  # dropout
     gen = torch.Generator().manual_seed(seed)  # batch sampling
-    result = train_steps(site.model, site.data, site.job.training,
-                         site.job.training.local_steps, gen, site.device)
+    if site.privacy is not None:
+        result = site.privacy.train(site.model, site.data, site.job.training, seed, site.device)
+    else:
+        result = train_steps(site.model, site.data, site.job.training,
+                             site.job.training.local_steps, gen, site.device)
     loss_after = evaluate(site.model, site.probe, batch, site.device).loss
     new = trainable_state(site.model)
     delta = {k: new[k] - global_params[k] for k in new}
-    tensors, codec_header = site.codec.encode(delta)
-    return pack(tensors, {
+    if site.privacy is not None:
+        delta = site.privacy.privatize_update(delta, seed)
+    enc = site.codecs.uplink.encode(delta, link_seeds(site.job.seed, round_idx, site.index))
+    header = {
         "round": round_idx,
         "site": site.name,
-        "codec": codec_header,
+        "codec": enc.header,
         "num_samples": len(site.data),
         "tokens": result.tokens,
         "steps": result.steps,
@@ -115,7 +161,10 @@ def train_round(site: Site, task: bytes) -> bytes:
         "loss_after": loss_after,
         # Fixed width, so that payload sizes (and the byte metrics) do not depend on timing.
         "compute_s": f"{result.compute_s:015.6f}",
-    })
+    }
+    if site.privacy is not None:  # epsilon spent; losses on the site's data withheld
+        header.update(site.privacy.header())
+    return pack(enc.tensors, header, enc.zstd_level)
 
 
 def site_factory(data_path: str | None = None):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from fedsky.config import TrainingConfig
+from fedsky.privacy import poisson_sample
 
 
 @dataclass
@@ -38,7 +39,8 @@ def train_steps(
     device: torch.device,
     opt: torch.optim.Optimizer | None = None,
 ) -> LocalResult:
-    """Run `steps` optimizer steps on batches sampled (with replacement) from `data` (N, T).
+    """Run `steps` optimizer steps on batches sampled from `data` (N, T): with replacement, or
+    by Poisson sampling (`cfg.sampling`; a step whose sample is empty changes nothing).
 
     Sites pass no optimizer and get a fresh one each round: they keep no state between
     rounds, so a site that restarts loses nothing. Centralized training passes its own.
@@ -49,10 +51,12 @@ def train_steps(
     anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
     model.train()
     losses = torch.zeros((), device=device)
-    tokens = 0
+    tokens = taken = 0
     start = time.perf_counter()
     for _ in range(steps):
-        idx = torch.randint(len(data), (cfg.batch_size,), generator=generator)
+        idx = sample_batch(len(data), cfg, generator)
+        if len(idx) == 0:
+            continue
         batch = data[idx].to(device, non_blocking=True)  # (B, T)
         loss = model(input_ids=batch, labels=batch).loss
         objective = loss
@@ -66,11 +70,20 @@ def train_steps(
         opt.step()
         losses += loss.detach()
         tokens += batch.numel()
-    mean_loss = float(losses) / steps  # one device sync, after the loop
+        taken += 1
+    mean_loss = float(losses) / max(1, taken)  # one device sync, after the loop
     return LocalResult(
         steps=steps,
-        sequences=steps * cfg.batch_size,
+        sequences=tokens // data.shape[1],
         tokens=tokens,
         mean_loss=mean_loss,
         compute_s=time.perf_counter() - start,
     )
+
+
+def sample_batch(n: int, cfg: TrainingConfig, generator: torch.Generator) -> torch.Tensor:
+    """Indices of one step's batch: batch_size draws with replacement, or a Poisson sample with
+    rate batch_size / n (the batch size is then the expected one)."""
+    if cfg.sampling == "poisson":
+        return poisson_sample(n, min(1.0, cfg.batch_size / n), generator)
+    return torch.randint(n, (cfg.batch_size,), generator=generator)

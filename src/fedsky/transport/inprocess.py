@@ -1,7 +1,8 @@
 """In-process transport: sites are handlers called in this process, one after another.
 
 Fast and deterministic (sites run in a fixed order), and it moves the very same serialized
-payloads as gRPC, so simulation exercises the wire format.
+payloads as gRPC, so simulation exercises the wire format. Given the sites' links, it emulates
+them: each transfer waits latency + bytes / bandwidth, so wall time reflects the network.
 """
 
 from __future__ import annotations
@@ -10,15 +11,18 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 
+from fedsky.accounting import Link, transfer_seconds
 from fedsky.transport.base import SiteFactory, SiteHandler
 
 log = logging.getLogger("fedsky.transport")
 
 
 class InProcessTransport:
-    def __init__(self, factory: SiteFactory) -> None:
+    def __init__(self, factory: SiteFactory, links: Mapping[str, Link] | None = None) -> None:
+        """`links`: emulate these sites' links (sleep per transfer); None: instant transfers."""
         self._factory = factory
         self._handlers: dict[str, SiteHandler] = {}
+        self._links = dict(links or {})
 
     def start(self, sites: Sequence[str], setup: bytes) -> list[str]:
         for site in sites:
@@ -32,7 +36,12 @@ class InProcessTransport:
         replies: dict[str, bytes] = {}
         for site, task in tasks.items():
             start = time.perf_counter()
+            link = self._links.get(site)
+            if link is not None:
+                time.sleep(transfer_seconds(len(task), link.down_mbps, link.latency_ms))
             reply = self._handlers[site](task)
+            if link is not None:
+                time.sleep(transfer_seconds(len(reply), link.up_mbps, link.latency_ms))
             elapsed = time.perf_counter() - start
             if elapsed > deadline_s:
                 log.warning(
