@@ -7,6 +7,7 @@ nor of how updates are combined (the strategy) or encoded (the codec).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,11 @@ def select_sites(job: JobConfig, round_idx: int, available: list[str]) -> list[s
     return [s for i, s in enumerate(available) if i in chosen]
 
 
+def _float_or_nan(value: object) -> float:
+    """Probe losses are sent only when the strategy reads them."""
+    return math.nan if value is None else float(value)
+
+
 def decode_reply(blob: bytes, round_idx: int, site: str, global_params: Params,
                  codec: Codec, bandwidth_mbps: float) -> SiteUpdate:
     """Validate at the boundary: right round and site, same names and shapes, finite values."""
@@ -78,8 +84,8 @@ def decode_reply(blob: bytes, round_idx: int, site: str, global_params: Params,
         tokens=int(header["tokens"]),
         train_loss=float(header["train_loss"]),
         compute_s=float(header["compute_s"]),
-        loss_before=float(header["loss_before"]),
-        loss_after=float(header["loss_after"]),
+        loss_before=_float_or_nan(header.get("loss_before")),
+        loss_after=_float_or_nan(header.get("loss_after")),
         bandwidth_mbps=bandwidth_mbps,
         privacy=read_report(header.get("privacy"), site),
     )
@@ -152,7 +158,9 @@ def run_rounds(
             wall_s=round_s + eval_s,
             sites={u.site: {"train_loss": u.train_loss, "tokens": u.tokens,
                             "compute_s": u.compute_s, "num_samples": u.num_samples,
-                            "loss_before": u.loss_before, "loss_after": u.loss_after,
+                            **{k: v for k, v in (("loss_before", u.loss_before),
+                                                 ("loss_after", u.loss_after))
+                               if not math.isnan(v)},
                             "weight": weights[u.site]} for u in updates},
         )
         stop = account_round(job, rec, state) if job.privacy is not None else None

@@ -8,6 +8,7 @@ the reply carries only the encoded update and a few counters.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,12 +130,21 @@ def receive_global(site: Site, task: bytes) -> tuple[int, Params]:
     return round_idx, model
 
 
+def probe_loss(site: Site) -> float:
+    """The current model's loss on the site's fixed probe sequences."""
+    return evaluate(site.model, site.probe, site.job.training.batch_size, site.device).loss
+
+
 def train_round(site: Site, task: bytes) -> bytes:
     """One round at the site: load the global tensors, train locally, encode new - old."""
     round_idx, global_params = receive_global(site, task)
     load_trainable(site.model, global_params)
-    batch = site.job.training.batch_size
-    loss_before = evaluate(site.model, site.probe, batch, site.device).loss
+    # The probe losses cost two forward passes; only dynamic weighting reads them. Their time
+    # is site computation and is counted in compute_s.
+    probing = site.job.strategy.name == "dynamic"
+    started = time.perf_counter()
+    loss_before = probe_loss(site) if probing else None
+    probe_s = time.perf_counter() - started
     seed = round_seed(site.job.seed, round_idx, site.index)
     torch.manual_seed(seed)  # dropout
     gen = torch.Generator().manual_seed(seed)  # batch sampling
@@ -143,7 +153,9 @@ def train_round(site: Site, task: bytes) -> bytes:
     else:
         result = train_steps(site.model, site.data, site.job.training,
                              site.job.training.local_steps, gen, site.device)
-    loss_after = evaluate(site.model, site.probe, batch, site.device).loss
+    started = time.perf_counter()
+    loss_after = probe_loss(site) if probing else None
+    probe_s += time.perf_counter() - started
     new = trainable_state(site.model)
     delta = {k: new[k] - global_params[k] for k in new}
     if site.privacy is not None:
@@ -160,7 +172,7 @@ def train_round(site: Site, task: bytes) -> bytes:
         "loss_before": loss_before,  # L_k: the global model on this site's data
         "loss_after": loss_after,
         # Fixed width, so that payload sizes (and the byte metrics) do not depend on timing.
-        "compute_s": f"{result.compute_s:015.6f}",
+        "compute_s": f"{result.compute_s + probe_s:015.6f}",
     }
     if site.privacy is not None:  # epsilon spent; losses on the site's data withheld
         header.update(site.privacy.header())
