@@ -134,3 +134,14 @@ def test_dynamic_weights_reach_the_metrics(tmp_path: Path, corpus_file: Path) ->
     total = sum(raw.values())
     for s, v in sites.items():
         assert abs(v["weight"] - raw[s] / total) < 1e-9
+
+
+def test_keep_optimizer_carries_site_state_into_later_rounds(tmp_path: Path,
+                                                             corpus_file: Path) -> None:
+    _, fresh = _run(tmp_path / "fresh", corpus_file, "rounds=3")
+    _, kept = _run(tmp_path / "kept", corpus_file, "rounds=3", "training.keep_optimizer=true")
+    _, again = _run(tmp_path / "again", corpus_file, "rounds=3", "training.keep_optimizer=true")
+    # round 0 starts from a new optimizer either way; from round 1 on the moments matter
+    assert fresh[0]["eval_loss"] == kept[0]["eval_loss"]
+    assert fresh[1]["eval_loss"] != kept[1]["eval_loss"]
+    assert [r["eval_loss"] for r in kept] == [r["eval_loss"] for r in again]

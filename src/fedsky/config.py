@@ -123,6 +123,9 @@ class TrainingConfig(Strict):
     # CPU threads per process (None: torch's default). Float sums depend on the thread count,
     # so runs compare bit for bit only at equal counts; 1 suits several sites on one machine.
     threads: int | None = Field(None, gt=0)
+    # Keep each site's optimizer state (AdamW moments) from round to round, as DiLoCo's workers
+    # do; false: a fresh optimizer every round, so a site carries no state at all.
+    keep_optimizer: bool = False
     # FedProx (Li et al. 2020): mu/2 ||w - w_global||^2 added to the local loss; 0 is off.
     prox_mu: float = Field(0.0, ge=0)
     # Sequences of its own data on which a site measures the global model's loss before
@@ -465,6 +468,9 @@ def _check_privacy(job: JobConfig) -> None:
         raise ValueError("privacy.dp_sgd needs training.sampling = 'poisson': its accounting "
                          "assumes each sequence joins a batch independently, with probability "
                          "batch_size / N")
+    if priv.dp_sgd is not None and job.training.keep_optimizer:
+        raise ValueError("privacy.dp_sgd builds its own optimizer each round; "
+                         "training.keep_optimizer is not supported with it")
     if job.strategy.name == "dynamic":
         raise ValueError("privacy: strategy 'dynamic' weighs sites by losses on their data, "
                          "which private sites do not report (they are not covered by epsilon)")

@@ -24,7 +24,7 @@ from fedsky.dp_training import SitePrivacy
 from fedsky.errors import FedskyError
 from fedsky.evaluation import evaluate
 from fedsky.model import build_model, load_trainable, pick_device, trainable_state
-from fedsky.training import train_steps
+from fedsky.training import make_optimizer, train_steps
 from fedsky.transport.base import SiteHandler
 from fedsky.wire import pack, unpack
 from fedsky.workload import Tokenizer, load_job_corpus, site_sequences, vocab_size
@@ -73,6 +73,7 @@ class Site:
     held: Params | None = None  # the global model as this site last reconstructed it
     held_round: int | None = None
     privacy: SitePrivacy | None = None  # with [privacy]: DP-SGD, client noise share, ledger
+    optimizer: torch.optim.Optimizer | None = None  # kept across rounds with keep_optimizer
 
 
 def open_site(name: str, setup: bytes, data_path: str | None = None) -> Site:
@@ -151,8 +152,11 @@ def train_round(site: Site, task: bytes) -> bytes:
     if site.privacy is not None:
         result = site.privacy.train(site.model, site.data, site.job.training, seed, site.device)
     else:
+        if site.job.training.keep_optimizer and site.optimizer is None:
+            params = [p for p in site.model.parameters() if p.requires_grad]
+            site.optimizer = make_optimizer(params, site.job.training)
         result = train_steps(site.model, site.data, site.job.training,
-                             site.job.training.local_steps, gen, site.device)
+                             site.job.training.local_steps, gen, site.device, site.optimizer)
     started = time.perf_counter()
     loss_after = probe_loss(site) if probing else None
     probe_s += time.perf_counter() - started
