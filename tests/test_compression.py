@@ -254,9 +254,9 @@ def test_round_0_is_a_delta_from_the_initial_model_the_site_must_hold() -> None:
         return Site("a", 0, None, None, None, None, codecs, None, held, -1)
 
     same = site(dict(initial))
-    assert receive_global(same, task)[0] == 0 and same.held_round == 0
+    assert receive_global(same, *unpack(task))[0] == 0 and same.held_round == 0
     with pytest.raises(FedskyError, match="initial model differs"):
-        receive_global(site({k: v + 1e-3 for k, v in initial.items()}), task)
+        receive_global(site({k: v + 1e-3 for k, v in initial.items()}), *unpack(task))
 
 
 def test_a_lossless_downlink_sends_the_whole_model_every_round() -> None:

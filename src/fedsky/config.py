@@ -11,13 +11,11 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from fedsky.config_base import Strict
+from fedsky.config_secure import SecureConfig, check_secure
 from fedsky.errors import FedskyError
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class LoraConfig(Strict):
@@ -425,6 +423,7 @@ class JobConfig(Strict):
     transport: TransportConfig = TransportConfig()
     tracking: TrackingConfig | None = None
     privacy: PrivacyConfig | None = None
+    secure: SecureConfig | None = None  # secure aggregation / encryption (fedsky.secure_round)
 
     @field_validator("sites")
     @classmethod
@@ -457,6 +456,8 @@ class JobConfig(Strict):
                              "gRPC the links are real (shape them with tc, or drop the flag)")
         if self.privacy is not None:
             _check_privacy(self)
+        if self.secure is not None:
+            check_secure(self)
         return self
 
 

@@ -26,6 +26,8 @@ from fedsky.errors import FedskyError
 from fedsky.evaluation import evaluate
 from fedsky.metrics import RunLog
 from fedsky.model import load_trainable
+from fedsky.secure_round import he_setup, run_secure_round
+from fedsky.secure_site import routes
 from fedsky.site import link_seeds
 from fedsky.strategies import Params, SiteUpdate, Strategy
 from fedsky.transport.base import Transport
@@ -91,6 +93,28 @@ def decode_reply(blob: bytes, round_idx: int, site: str, global_params: Params,
     )
 
 
+def gather_updates(job: JobConfig, transport: Transport, r: int, tasks: dict[str, bytes],
+                   global_params: Params, codec: Codec) -> tuple[list[SiteUpdate], dict[str, Any]]:
+    """The plain round: every site's update decoded and checked (the coordinator reads them)."""
+    replies = transport.exchange(r, tasks, job.coordinator.round_deadline_s)
+    bandwidth = {s.name: s.profile.bandwidth_mbps for s in job.sites}  # declared, Mbit/s
+    updates: list[SiteUpdate] = []
+    rejected: dict[str, str] = {}
+    for site in tasks:  # config order, whatever order replies came in
+        if site in replies:
+            try:
+                updates.append(decode_reply(replies[site], r, site, global_params, codec,
+                                            bandwidth[site]))
+            except FedskyError as err:
+                rejected[site] = str(err)
+                log.warning("round %d: rejected update from %s: %s", r, site, err)
+    return updates, {
+        "replies": replies,
+        "dropped": [s for s in tasks if s not in replies] + sorted(rejected),
+        "bytes_up": {s: len(replies[s]) for s in tasks if s in replies},
+    }
+
+
 def run_rounds(
     job: JobConfig,
     transport: Transport,
@@ -101,47 +125,52 @@ def run_rounds(
     start_round: int = 0,
 ) -> Params:
     """Run rounds `start_round .. job.rounds - 1`; returns the final global tensors."""
-    bandwidth = {s.name: s.profile.bandwidth_mbps for s in job.sites}  # declared, Mbit/s
     # What each site holds: at the start, the initial model every site built; after a restart,
     # unknown (so each site gets the whole model once).
     downlink = Downlink(ctx.codec.downlink, global_params if start_round == 0 else None)
     fp32_bytes = 4 * sum(t.numel() for t in global_params.values())  # one dense fp32 update
+    he_public = None
+    if job.secure is not None and routes(job, list(global_params))["he"]:
+        he_public, sites = he_setup(job, transport, sites, start_round)
     for r in range(start_round, job.rounds):
         t0 = time.perf_counter()
         selected = select_sites(job, r, sites)
         tasks = downlink.tasks(r, selected, global_params, link_seeds(job.seed, r, None))
-        replies = transport.exchange(r, tasks, job.coordinator.round_deadline_s)
+        mean = None
+        if job.secure is None:
+            updates, got = gather_updates(job, transport, r, tasks, global_params,
+                                          ctx.codec.uplink)
+            replies, dropped, bytes_up = got["replies"], got["dropped"], got["bytes_up"]
+            bytes_down = {s: len(tasks[s]) for s in selected}
+        else:
+            sec = run_secure_round(job, transport, r, tasks, global_params, he_public)
+            replies, updates, mean = sec.trained, sec.updates, sec.mean
+            dropped, bytes_up, bytes_down = list(sec.dropped), sec.bytes_up, sec.bytes_down
         downlink.confirm(replies)
-
-        updates: list[SiteUpdate] = []
-        rejected: dict[str, str] = {}
-        for site in selected:  # config order, whatever order replies came in
-            if site in replies:
-                try:
-                    updates.append(decode_reply(replies[site], r, site, global_params,
-                                                ctx.codec.uplink, bandwidth[site]))
-                except FedskyError as err:
-                    rejected[site] = str(err)
-                    log.warning("round %d: rejected update from %s: %s", r, site, err)
-        dropped = [s for s in selected if s not in replies] + sorted(rejected)
         rec: dict[str, Any] = {
             "round": r,
             "selected": selected,
             "participants": [u.site for u in updates],
             "dropped": dropped,
-            "bytes_down": {s: len(tasks[s]) for s in selected},
-            "bytes_up": {s: len(replies[s]) for s in selected if s in replies},
+            "bytes_down": bytes_down,
+            "bytes_up": bytes_up,
         }
+        if job.secure is not None:
+            rec["secure"] = {**sec.info, "dropped": sec.dropped}
         rec.update(round_accounting(job, rec["bytes_up"], rec["bytes_down"], fp32_bytes))
-        if len(updates) < job.coordinator.min_sites:
-            rec["skipped"] = (f"{len(updates)} update(s), quorum is "
-                              f"{job.coordinator.min_sites}")
+        if len(updates) < job.coordinator.min_sites or (job.secure is not None and mean is None):
+            rec["skipped"] = sec.failed if job.secure is not None and sec.failed else (
+                f"{len(updates)} update(s), quorum is {job.coordinator.min_sites}")
             rec["wall_s"] = time.perf_counter() - t0
             ctx.log.round(rec)
             continue
 
-        weights = ctx.strategy.weights(updates, state)
-        global_params, state = ctx.strategy.aggregate(global_params, updates, state)
+        if mean is None:
+            weights = ctx.strategy.weights(updates, state)
+            global_params, state = ctx.strategy.aggregate(global_params, updates, state)
+        else:  # the coordinator never saw a site's weight, only the weighted mean
+            weights = {u.site: math.nan for u in updates}
+            global_params, state = ctx.strategy.step(global_params, mean, state, updates)
         round_s = time.perf_counter() - t0
 
         t_eval = time.perf_counter()
@@ -156,12 +185,7 @@ def run_rounds(
             round_s=round_s,  # exchange + decode + aggregate (no evaluation)
             eval_s=eval_s,
             wall_s=round_s + eval_s,
-            sites={u.site: {"train_loss": u.train_loss, "tokens": u.tokens,
-                            "compute_s": u.compute_s, "num_samples": u.num_samples,
-                            **{k: v for k, v in (("loss_before", u.loss_before),
-                                                 ("loss_after", u.loss_after))
-                               if not math.isnan(v)},
-                            "weight": weights[u.site]} for u in updates},
+            sites={u.site: _site_record(u, weights[u.site]) for u in updates},
         )
         stop = account_round(job, rec, state) if job.privacy is not None else None
         ctx.log.round(rec)
@@ -172,3 +196,14 @@ def run_rounds(
             ctx.log.info(stop)
             break
     return global_params
+
+
+def _site_record(u: SiteUpdate, weight: float) -> dict[str, Any]:
+    """A site's line in the round record; what a secure round does not reveal is left out."""
+    rec: dict[str, Any] = {"tokens": u.tokens, "compute_s": u.compute_s}
+    optional = {"train_loss": u.train_loss, "loss_before": u.loss_before,
+                "loss_after": u.loss_after, "weight": weight}
+    rec.update({k: v for k, v in optional.items() if not math.isnan(v)})
+    if u.num_samples:
+        rec["num_samples"] = u.num_samples
+    return rec

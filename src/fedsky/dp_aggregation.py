@@ -83,6 +83,21 @@ class PrivateStrategy:
             out["events"] = add_event(state["events"], self.sample_rate, z)
         return new, out
 
+    def step(self, global_params: Params, mean: Params, state: dict[str, Any],
+             updates: list[SiteUpdate] | None = None) -> tuple[Params, dict[str, Any]]:
+        """Secure aggregation: the sites clipped and noised before masking (distributed
+        placement; central is refused at load), so only the bookkeeping is left here."""
+        updates = updates or []
+        reports = {**state["reports"], **{u.site: u.privacy for u in updates if u.privacy}}
+        out = {**state, "reports": reports}
+        new, out["inner"] = self.inner.step(global_params, mean, state["inner"], updates)
+        client = self.cfg.client
+        if client is not None:
+            z = client.noise_multiplier * math.sqrt(len(updates) / self.senders)
+            out["clip_used"] = state["clip"]
+            out["events"] = add_event(state["events"], self.sample_rate, z)
+        return new, out
+
     def _central(self, updates: list[SiteUpdate],
                  state: dict[str, Any]) -> tuple[list[SiteUpdate], float]:
         clip, m = state["clip"], len(updates)

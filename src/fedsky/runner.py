@@ -32,7 +32,7 @@ from fedsky.model import build_model, count_parameters, load_trainable, pick_dev
 from fedsky.site import make_setup, site_factory
 from fedsky.strategies import make_strategy
 from fedsky.training import make_optimizer, train_steps
-from fedsky.transport.base import Transport
+from fedsky.transport.base import SiteFactory, Transport
 from fedsky.transport.inprocess import InProcessTransport
 from fedsky.workload import (
     Tokenizer,
@@ -106,10 +106,13 @@ def run_federated(
     transport_kind: str,
     tokens: dict[str, str] | None = None,
     resume: bool = False,
+    factory: SiteFactory | None = None,
 ) -> dict[str, Any]:
     """Federated training. With gRPC and no `tokens`, one worker process per site is started
     on loopback; with `tokens` (`fedsky coordinator`) the sites are started by their owners.
-    With `resume`, continue after the last checkpointed round of `output_dir`."""
+    With `resume`, continue after the last checkpointed round of `output_dir`. In process,
+    `factory` builds the sites (default: `fedsky.site.site_factory`; fault-injection tests
+    wrap it)."""
     started = time.perf_counter()
     sites = [s.name for s in job.sites]
     site_tokens = tokens or new_tokens(job)
@@ -119,7 +122,7 @@ def run_federated(
                           "the links are real")
     emulated = links(job) if job.transport.emulate_links else None
     transport: Transport = (grpc_transport(job, site_tokens) if transport_kind == "grpc"
-                            else InProcessTransport(site_factory(), emulated))
+                            else InProcessTransport(factory or site_factory(), emulated))
     procs: list[subprocess.Popen] = []
     runlog: RunLog | None = None
     try:

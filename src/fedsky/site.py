@@ -11,10 +11,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer as BpeTokenizer
 
+from fedsky import secure_site
 from fedsky.accounting import Link
 from fedsky.codecs import Codecs, Params, RoundSeeds, make_codec
 from fedsky.config import JobConfig, parse_job
@@ -24,6 +26,9 @@ from fedsky.dp_training import SitePrivacy
 from fedsky.errors import FedskyError
 from fedsky.evaluation import evaluate
 from fedsky.model import build_model, load_trainable, pick_device, trainable_state
+from fedsky.secagg import KeyPair, seal, unseal
+from fedsky.secure_site import SETUP_PHASES, PendingRound
+from fedsky.strategies import log_weight
 from fedsky.training import make_optimizer, train_steps
 from fedsky.transport.base import SiteHandler
 from fedsky.wire import pack, unpack
@@ -74,6 +79,9 @@ class Site:
     held_round: int | None = None
     privacy: SitePrivacy | None = None  # with [privacy]: DP-SGD, client noise share, ledger
     optimizer: torch.optim.Optimizer | None = None  # kept across rounds with keep_optimizer
+    pending: PendingRound | None = None  # secure aggregation: this round's update and keys
+    he_ctx: Any = None  # CKKS context with the secret key (fedsky.he), after the set-up
+    setup_key: KeyPair | None = None  # receives the CKKS secret from the generating site
 
 
 def open_site(name: str, setup: bytes, data_path: str | None = None) -> Site:
@@ -112,9 +120,8 @@ def open_site(name: str, setup: bytes, data_path: str | None = None) -> Site:
                 privacy=privacy)
 
 
-def receive_global(site: Site, task: bytes) -> tuple[int, Params]:
+def receive_global(site: Site, tensors: Params, header: dict[str, Any]) -> tuple[int, Params]:
     """The round and the global model from a task: whole, or a delta to the model held."""
-    tensors, header = unpack(task)
     round_idx, base = int(header["round"]), header.get("base")
     if base is None:
         model = tensors
@@ -136,9 +143,68 @@ def probe_loss(site: Site) -> float:
     return evaluate(site.model, site.probe, site.job.training.batch_size, site.device).loss
 
 
-def train_round(site: Site, task: bytes) -> bytes:
+def handle_task(site: Site, task: bytes) -> bytes:
+    """A task: train (every round), or one of the secure phases that follow training."""
+    tensors, header = unpack(task)
+    phase = header.get("phase", "train")
+    if phase == "train":
+        return train_round(site, tensors, header)
+    if site.job.secure is None:
+        raise FedskyError(f"site {site.name}: a {phase!r} task, but this job has no [secure]")
+    if phase in SETUP_PHASES:
+        return he_setup_reply(site, phase, tensors, header)
+    pending = site.pending
+    if pending is None or header.get("round") != pending.round_idx:
+        raise FedskyError(f"site {site.name}: a {phase!r} task for round {header.get('round')}, "
+                          "but it trained no update for that round")
+    if phase == "shares":
+        return secure_site.shares_reply(site.job, site.name, pending, header)
+    if phase == "masked":
+        seed = link_seeds(site.job.seed, pending.round_idx, site.index).private
+        return secure_site.masked_reply(site.job, site.name, pending, header, site.he_ctx, seed)
+    if phase == "unmask":
+        reply = secure_site.unmask_reply(site.job, site.name, pending, header, tensors,
+                                         site.he_ctx)
+        site.pending = None  # the round is over for this site
+        return reply
+    raise FedskyError(f"site {site.name}: unknown task phase {phase!r}")
+
+
+def he_setup_reply(site: Site, phase: str, tensors: Params, header: dict[str, Any]) -> bytes:
+    """CKKS key set-up: one site makes the context; its secret reaches the others sealed to
+    their X25519 keys, relayed by the coordinator, which keeps only the public part."""
+    from fedsky import he  # TenSEAL loads only where encryption is used
+    assert site.job.secure is not None
+    out: dict[str, torch.Tensor] = {}
+    reply: dict[str, Any] = {"round": header["round"], "site": site.name, "phase": phase}
+    context = f"{site.job.name}|{site.job.seed}|ckks-secret"
+    if phase == "he_hello":
+        site.setup_key = KeyPair.new()
+        reply["setup_pk"] = site.setup_key.public.hex()
+    elif phase == "he_create":
+        assert site.setup_key is not None
+        site.he_ctx = he.new_secret_context(he.params_for(site.job.secure.he))
+        secret = he.secret_context_bytes(site.he_ctx)
+        out["public"] = _as_bytes_tensor(he.public_context_bytes(site.he_ctx))
+        for peer, pk in header["peers"].items():
+            if peer != site.name:
+                out[f"sealed/{peer}"] = _as_bytes_tensor(
+                    seal(site.setup_key, bytes.fromhex(pk), secret, f"{context}|{peer}"))
+    else:  # he_install
+        assert site.setup_key is not None
+        secret = unseal(site.setup_key, bytes.fromhex(header["from_pk"]),
+                        tensors["sealed"].numpy().tobytes(), f"{context}|{site.name}")
+        site.he_ctx = he.load_context(secret)
+    return pack(out, reply)
+
+
+def _as_bytes_tensor(raw: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def train_round(site: Site, tensors: Params, header: dict[str, Any]) -> bytes:
     """One round at the site: load the global tensors, train locally, encode new - old."""
-    round_idx, global_params = receive_global(site, task)
+    round_idx, global_params = receive_global(site, tensors, header)
     load_trainable(site.model, global_params)
     # The probe losses cost two forward passes; only dynamic weighting reads them. Their time
     # is site computation and is counted in compute_s.
@@ -164,6 +230,16 @@ def train_round(site: Site, task: bytes) -> bytes:
     delta = {k: new[k] - global_params[k] for k in new}
     if site.privacy is not None:
         delta = site.privacy.privatize_update(delta, seed)
+    if site.job.secure is not None:  # keys now; the update leaves only masked or encrypted
+        own = site.job.sites[site.index].profile
+        site.pending = PendingRound(round_idx, delta, log_weight(
+            site.job.strategy, len(site.data), _nan(loss_before), _nan(loss_after),
+            own.bandwidth_mbps))
+        counters = {"tokens": result.tokens, "steps": result.steps,
+                    "compute_s": f"{result.compute_s + probe_s:015.6f}"}
+        if site.privacy is not None:
+            counters.update(site.privacy.header())
+        return secure_site.keys_reply(site.job, site.name, site.pending, counters)
     enc = site.codecs.uplink.encode(delta, link_seeds(site.job.seed, round_idx, site.index))
     header = {
         "round": round_idx,
@@ -183,11 +259,15 @@ def train_round(site: Site, task: bytes) -> bytes:
     return pack(enc.tensors, header, enc.zstd_level)
 
 
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
 def site_factory(data_path: str | None = None):
     """A SiteFactory for the transports: opens the site, returns its round handler."""
 
     def factory(name: str, setup: bytes) -> SiteHandler:
         site = open_site(name, setup, data_path)
-        return lambda task: train_round(site, task)
+        return lambda task: handle_task(site, task)
 
     return factory

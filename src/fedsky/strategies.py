@@ -54,6 +54,13 @@ class Strategy(Protocol):
         self, global_params: Params, updates: list[SiteUpdate], state: dict[str, Any]
     ) -> tuple[Params, dict[str, Any]]: ...
 
+    def step(self, global_params: Params, mean: Params, state: dict[str, Any],
+             updates: list[SiteUpdate] | None = None) -> tuple[Params, dict[str, Any]]:
+        """Move the model by a mean delta the strategy did not compute (secure aggregation:
+        `updates` carry the contributors' counters, not their deltas). Not every strategy
+        can (a median needs every delta)."""
+        ...
+
 
 def normalise(sites: list[str], raw: list[float]) -> dict[str, float]:
     total = math.fsum(raw)
@@ -89,23 +96,40 @@ def apply_mean(global_params: Params, updates: list[SiteUpdate],
     return {k: v + mean[k] for k, v in global_params.items()}
 
 
+def log_weight(cfg: StrategyConfig, num_samples: int, loss_before: float, loss_after: float,
+               bandwidth_mbps: float) -> float:
+    """The natural log of one site's unnormalised weight (logs: softmax weights underflow).
+
+    Under secure aggregation the site computes it itself and pre-scales its update, so the
+    coordinator never sees it; in the clear the coordinator computes it from the reports.
+    """
+    if cfg.name in ("fedavg", "fedopt"):
+        return math.log(num_samples) if cfg.weighting == "sequences" else 0.0
+    if cfg.name != "dynamic":
+        return 0.0
+    if cfg.rule == "paper_b":  # w_k = L_k / (|D_k| * B_k^alpha)
+        if not (loss_before > 0 and bandwidth_mbps > 0):
+            raise FedskyError(f"paper_b weighting needs a positive loss and bandwidth, got "
+                              f"{loss_before} and {bandwidth_mbps}")
+        return math.log(loss_before) - math.log(num_samples) - cfg.alpha * math.log(
+            bandwidth_mbps)
+    if not (math.isfinite(loss_after) and loss_after > 0):
+        raise FedskyError(f"loss-based weighting needs a positive finite loss, got {loss_after}")
+    if cfg.rule == "inverse_loss":
+        return -math.log(loss_after)
+    return -loss_after / cfg.temperature  # softmax(-loss / temperature)
+
+
 def dynamic_weights(updates: list[SiteUpdate], cfg: DynamicConfig) -> dict[str, float]:
     """The dynamic rules as closed forms over the sites' reported numbers."""
     sites = [u.site for u in updates]
-    if cfg.rule == "paper_b":
-        for u in updates:
-            if not (u.loss_before > 0 and u.bandwidth_mbps > 0):
-                raise FedskyError(f"site {u.site}: paper_b weighting needs a positive loss and "
-                                  f"bandwidth, got {u.loss_before} and {u.bandwidth_mbps}")
-        raw = [u.loss_before / (u.num_samples * u.bandwidth_mbps**cfg.alpha) for u in updates]
-        return normalise(sites, raw)
-    losses = [u.loss_after for u in updates]
-    if not all(math.isfinite(x) and x > 0 for x in losses):
-        raise FedskyError(f"loss-based weighting needs positive finite losses, got {losses}")
-    if cfg.rule == "inverse_loss":
-        return normalise(sites, [1.0 / x for x in losses])
-    low = min(losses)  # shift for numerical safety: softmax is shift-invariant
-    return normalise(sites, [math.exp(-(x - low) / cfg.temperature) for x in losses])
+    try:
+        logs = [log_weight(cfg, u.num_samples, u.loss_before, u.loss_after, u.bandwidth_mbps)
+                for u in updates]
+    except FedskyError as err:
+        raise FedskyError(f"sites {sites}: {err}") from None
+    top = max(logs)
+    return normalise(sites, [math.exp(x - top) for x in logs])
 
 
 class WeightedMean:
@@ -125,6 +149,11 @@ class WeightedMean:
         self, global_params: Params, updates: list[SiteUpdate], state: dict[str, Any]
     ) -> tuple[Params, dict[str, Any]]:
         return apply_mean(global_params, updates, self.weigh(updates)), state
+
+    def step(self, global_params: Params, mean: Params, state: dict[str, Any],
+             updates: list[SiteUpdate] | None = None) -> tuple[Params, dict[str, Any]]:
+        """Apply an already weighted mean delta (what secure aggregation yields)."""
+        return {k: v + mean[k] for k, v in global_params.items()}, state
 
 
 class FedOpt:
@@ -148,6 +177,11 @@ class FedOpt:
     ) -> tuple[Params, dict[str, Any]]:
         w = self.weights(updates, state)
         mean = weighted_mean([u.delta for u in updates], [w[u.site] for u in updates])
+        return self.step(global_params, mean, state)
+
+    def step(self, global_params: Params, mean: Params, state: dict[str, Any],
+             updates: list[SiteUpdate] | None = None) -> tuple[Params, dict[str, Any]]:
+        """One server-optimizer step on an already weighted mean delta."""
         params = {k: torch.nn.Parameter(v.detach().clone()) for k, v in global_params.items()}
         opt = make_server_optimizer(list(params.values()), self.cfg)
         if "optimizer" in state:

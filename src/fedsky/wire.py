@@ -4,11 +4,14 @@ Every payload between coordinator and site is one of these blobs, on every trans
 byte counts in the metrics are the exact serialized sizes. A payload may be zstd-compressed as a
 whole (the codec pipelines' last, lossless stage); `unpack` recognises the zstd frame magic,
 which no safetensors blob can start with (its first 8 bytes are a header length, and that one
-would be over 4 GB of JSON).
+would be over 4 GB of JSON). The header carries a SHA-256 of the tensor bytes, so a payload
+corrupted or cut short anywhere on its way is refused, never read as a wrong update (masked
+and encrypted values look random whatever happens to them; only a digest can tell).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -30,6 +33,7 @@ def pack(tensors: dict[str, torch.Tensor], header: dict[str, Any],
     """Serialize tensors (moved to CPU, made contiguous) and a JSON-able header; with
     `zstd_level`, compress the whole blob (lossless: sparse offsets and low-bit codes shrink)."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    header = {**header, "sha256": digest(cpu)}
     blob = save(cpu, metadata={_HEADER_KEY: json.dumps(header, sort_keys=True)})
     if zstd_level is None:
         return blob
@@ -51,4 +55,17 @@ def unpack(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     except (SafetensorError, ValueError, KeyError, json.JSONDecodeError,
             zstandard.ZstdError) as err:
         raise FedskyError(f"malformed payload ({len(blob)} bytes): {err}") from None
+    if header.pop("sha256", None) != digest(tensors):
+        raise FedskyError(f"corrupted payload ({len(blob)} bytes): its tensors do not match "
+                          "the digest in its header")
     return tensors, header
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of the tensors, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from fedsky.accounting import Link, transfer_seconds
+from fedsky.errors import FedskyError
 from fedsky.transport.base import SiteFactory, SiteHandler
 
 log = logging.getLogger("fedsky.transport")
@@ -39,7 +40,11 @@ class InProcessTransport:
             link = self._links.get(site)
             if link is not None:
                 time.sleep(transfer_seconds(len(task), link.down_mbps, link.latency_ms))
-            reply = self._handlers[site](task)
+            try:
+                reply = self._handlers[site](task)
+            except FedskyError as err:  # as over gRPC: the site is out of this exchange
+                log.warning("round %d: site %s failed: %s", round_idx, site, err)
+                continue
             if link is not None:
                 time.sleep(transfer_seconds(len(reply), link.up_mbps, link.latency_ms))
             elapsed = time.perf_counter() - start

@@ -1,0 +1,235 @@
+"""Secure aggregation: the masks cancel, dropouts are survived, tampering is caught, and the
+coordinator's view of one site's update carries nothing it could read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_job
+
+from fedsky import secagg
+from fedsky.checkpoint import load_checkpoint
+from fedsky.codecs import make_codec
+from fedsky.config import load_job
+from fedsky.errors import FedskyError
+from fedsky.metrics import read_metrics
+from fedsky.model import trainable_state
+from fedsky.runner import prepare, run_federated
+from fedsky.site import make_setup, open_site, round_seed, site_factory
+from fedsky.training import sample_batch
+from fedsky.wire import unpack
+
+SITES5 = ("a", "b", "c", "d", "e")
+
+
+@pytest.mark.parametrize("bits", [8, 32])
+@pytest.mark.parametrize("dropped", [(), ("b",), ("b", "d")])
+def test_masked_sum_is_the_exact_integer_sum_with_dropouts(bits: int, dropped: tuple) -> None:
+    keys = {s: secagg.KeyPair.new() for s in SITES5}
+    seeds = {s: bytes([i]) * 32 for i, s in enumerate(SITES5)}
+    pubs = {s: k.public for s, k in keys.items()}
+    rng = np.random.default_rng(0)
+    dtype = secagg.DTYPES[bits]
+    values = {s: rng.integers(0, 2**bits, 1000, dtype=dtype) for s in SITES5}
+    masked = {s: secagg.mask(values[s], s, keys[s], pubs, seeds[s], bits, "t") for s in SITES5}
+    survivors = [s for s in SITES5 if s not in dropped]
+    total = np.zeros(1000, dtype=dtype)
+    for s in survivors:
+        total += masked[s]
+        assert not np.array_equal(masked[s], values[s])
+    out = secagg.unmask(total, [seeds[s] for s in survivors],
+                        {s: keys[s].secret_bytes for s in dropped},
+                        {s: pubs[s] for s in survivors}, bits, "t")
+    expected = np.zeros(1000, dtype=dtype)
+    for s in survivors:
+        expected += values[s]
+    assert np.array_equal(out, expected)
+
+
+def test_fixed_point_sum_is_within_the_quantization_bound() -> None:
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(0, 0.3, 5000) for _ in range(3)]
+    clip, bits = 2.0, 16
+    levels = secagg.levels_for(bits, 3)
+    total = np.zeros(5000, dtype=np.uint16)
+    for x in xs:
+        total += secagg.encode_fixed(x, clip, levels, bits, rng)
+    err = np.abs(secagg.decode_fixed(total, clip, levels, bits) - sum(xs))
+    assert err.max() <= 3 * clip / levels
+    assert 0 < err.mean() < clip / levels
+
+
+def test_shamir_needs_threshold_shares() -> None:
+    secret = bytes(range(32))
+    shares = secagg.share_secret(secret, [1, 2, 3, 4, 5], 3)
+    assert secagg.recover_secret({k: shares[k] for k in (5, 2, 4)}, 3) == secret
+    with pytest.raises(FedskyError, match="cannot rebuild"):
+        secagg.recover_secret({k: shares[k] for k in (1, 2)}, 3)
+
+
+def test_sealed_share_refuses_another_context() -> None:
+    a, b = secagg.KeyPair.new(), secagg.KeyPair.new()
+    sealed = secagg.seal(a, b.public, b"share", "job|0|a->b")
+    assert secagg.unseal(b, a.public, sealed, "job|0|a->b") == b"share"
+    with pytest.raises(FedskyError, match="authentication"):
+        secagg.unseal(b, a.public, sealed, "job|1|a->b")  # replayed into another round
+
+
+# ---- whole rounds, in process -----------------------------------------------------------------
+
+def _phase(task: bytes) -> tuple[str, int]:
+    header = unpack(task)[1]
+    return header.get("phase", "train"), header.get("round", -1)
+
+
+def faulty(fail: dict[str, str], mangle: dict[str, str] | None = None, seen: list | None = None):
+    """The real site factory, with faults injected: `fail` makes a site crash when it gets
+    a task of that phase in round 0; `mangle` corrupts its reply of that phase; `seen` records
+    every reply the coordinator receives."""
+    inner = site_factory()
+
+    def factory(name: str, setup: bytes):
+        handler = inner(name, setup)
+
+        def handle(task: bytes) -> bytes:
+            phase, r = _phase(task)
+            if r == 0 and fail.get(name) == phase:
+                raise FedskyError(f"site {name} crashed (injected)")
+            reply = handler(task)
+            how = (mangle or {}).get(name)
+            if r == 0 and how and phase == "masked":
+                reply = reply[:-7] if how == "truncate" else \
+                    reply[:-5] + bytes([reply[-5] ^ 1]) + reply[-4:]
+            if seen is not None:
+                seen.append((name, phase, reply))
+            return reply
+
+        return handle
+
+    return factory
+
+
+def _run(tmp: Path, corpus: Path, *overrides: str, sites=("a", "b", "c"), factory=None,
+         rounds: int = 1):
+    job, job_dir = load_job(tiny_job(tmp, corpus, sites=sites, rounds=rounds),
+                            ["training.threads=1", *overrides])
+    summary = run_federated(job, job_dir, "inprocess", factory=factory)
+    out = Path(summary["output_dir"])
+    return load_checkpoint(out / "checkpoint.safetensors")[1], read_metrics(out)
+
+
+def _max_diff(p: dict, q: dict) -> float:
+    return max(float((p[k] - q[k]).abs().max()) for k in p)
+
+
+def test_secure_round_equals_plain_fedavg_within_the_fixed_point_bound(
+        tmp_path: Path, corpus_file: Path) -> None:
+    plain, plain_recs = _run(tmp_path / "plain", corpus_file, rounds=2)
+    masked, recs = _run(tmp_path / "mask", corpus_file, "secure={}", rounds=2)
+    assert _max_diff(plain, masked) < 1e-5
+    assert recs[-1]["participants"] == ["a", "b", "c"]
+    # the coordinator learned no site's weight, loss or sample count
+    assert all(set(info) == {"tokens", "compute_s"} for info in recs[-1]["sites"].values())
+    # 32-bit masking costs at most 1.2x the plaintext bytes
+    assert sum(recs[-1]["bytes_up"].values()) <= 1.2 * sum(plain_recs[-1]["bytes_up"].values())
+
+
+def test_dynamic_weights_under_masking_match_the_plaintext_rule(tmp_path: Path,
+                                                                corpus_file: Path) -> None:
+    rule = "strategy={name='dynamic', rule='paper_b', alpha=0.5}"
+    plain, _ = _run(tmp_path / "plain", corpus_file, rule)
+    masked, _ = _run(tmp_path / "mask", corpus_file, rule, "secure={}")
+    assert _max_diff(plain, masked) < 1e-5
+
+
+@pytest.mark.parametrize("gone", [("d",), ("d", "e")])
+def test_secure_round_survives_sites_dropping_after_key_exchange(
+        tmp_path: Path, corpus_file: Path, gone: tuple) -> None:
+    # the plain run loses the same sites before they send anything
+    plain, _ = _run(tmp_path / "plain", corpus_file, sites=SITES5,
+                    factory=faulty(dict.fromkeys(gone, "train")))
+    masked, recs = _run(tmp_path / "mask", corpus_file, "secure={threshold=3}", sites=SITES5,
+                        factory=faulty(dict.fromkeys(gone, "masked")))
+    assert recs[0]["participants"] == [s for s in SITES5 if s not in gone]
+    assert recs[0]["secure"]["dropped_after_keys"] == list(gone)
+    assert _max_diff(plain, masked) < 1e-5
+
+
+def test_below_the_threshold_the_round_is_skipped_not_wrong(tmp_path: Path,
+                                                            corpus_file: Path) -> None:
+    _, recs = _run(tmp_path, corpus_file, "secure={threshold=4}", sites=SITES5,
+                   factory=faulty({"d": "masked", "e": "masked"}), rounds=2)
+    assert "threshold is 4" in recs[0]["skipped"] and "eval_loss" not in recs[0]
+    assert recs[1]["participants"] == list(SITES5)  # the next round has everyone again
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_tampered_masked_vector_is_detected_and_left_out(tmp_path: Path, corpus_file: Path,
+                                                         how: str) -> None:
+    plain, _ = _run(tmp_path / "plain", corpus_file, sites=SITES5,
+                    factory=faulty({"c": "train"}))
+    masked, recs = _run(tmp_path / "mask", corpus_file, "secure={threshold=3}", sites=SITES5,
+                        factory=faulty({}, {"c": how}))
+    assert "c" not in recs[0]["participants"]
+    reason = recs[0]["secure"]["dropped"]["c"]
+    assert ("corrupted payload" if how == "flip" else "malformed payload") in reason
+    assert _max_diff(plain, masked) < 1e-5
+
+
+def test_incompatible_combinations_are_refused_at_load(tmp_path: Path,
+                                                       corpus_file: Path) -> None:
+    cases = {
+        "strategy={name='median'}": "sorts each site's values",
+        "codec.uplink=[{name='topk', density=0.1}]": "would not line up",
+        "secure={default='plain', sensitive='plain'}": "every route is 'plain'",
+        "secure={threshold=9}": "exceeds the sites per round",
+    }
+    for override, message in cases.items():
+        extra = [] if override.startswith("secure") else ["secure={}"]
+        with pytest.raises(FedskyError, match=message):
+            load_job(tiny_job(tmp_path, corpus_file), [*extra, override])
+
+
+def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative)."""
+    pos, neg = scores[positive], scores[~positive]
+    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+
+
+def test_coordinator_cannot_tell_which_tokens_a_site_used(tmp_path: Path,
+                                                          corpus_file: Path) -> None:
+    """Leakage: rank embedding rows by the size of site a's update. In plaintext the rows of
+    the tokens in a's training batches stand out; masked, the ranking is a coin toss."""
+    views: dict[str, list] = {"plain": [], "mask": []}
+    for mode, extra in (("plain", []), ("mask", ["secure={}"])):
+        _run(tmp_path / mode, corpus_file, "training.local_steps=1", *extra,
+             factory=faulty({}, seen=views[mode]))
+    job, job_dir = load_job(tiny_job(tmp_path / "plain", corpus_file), [])
+    p = prepare(job, job_dir)
+    like = trainable_state(p.model)
+    # the tokens site a trained on in round 0: its one batch, drawn as it drew it
+    site = open_site("a", make_setup(job, job_dir, p.tokenizer))
+    gen = torch.Generator().manual_seed(round_seed(job.seed, 0, 0))
+    batch = site.data[sample_batch(len(site.data), job.training, gen)]
+    name = next(n for n in like if "wte" in n)
+    rows, cols = like[name].shape
+    used = np.zeros(rows, dtype=bool)
+    used[batch.unique().numpy()] = True
+    assert 0 < used.sum() < rows
+
+    reply = next(r for s, ph, r in views["plain"] if s == "a" and ph == "train")
+    tensors, header = unpack(reply)
+    delta = make_codec(job.codec).uplink.decode(tensors, header["codec"], like)
+    plain_auc = _auc(delta[name].norm(dim=1).numpy(), used)
+
+    reply = next(r for s, ph, r in views["mask"] if s == "a" and ph == "masked")
+    masked = unpack(reply)[0]["masked"].numpy().view(np.uint32)
+    offset = sum(like[n].numel() for n in list(like)[: list(like).index(name)])
+    view = masked[offset: offset + rows * cols].reshape(rows, cols).astype(np.int64)
+    signed = view - (view >= 2**31) * 2**32
+    masked_auc = _auc(np.abs(signed).sum(axis=1).astype(np.float64), used)
+    assert plain_auc > 0.9
+    assert 0.35 < masked_auc < 0.65
