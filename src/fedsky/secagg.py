@@ -96,11 +96,11 @@ def unseal(own: KeyPair, peer_public: bytes, sealed: bytes, context: str) -> byt
 
 def prg(seed: bytes, length: int, bits: int, stream: int = 0) -> np.ndarray:
     """`length` uniform integers mod 2^bits from a 32-byte seed (ChaCha20 keystream)."""
-    dtype = DTYPES[bits]
+    out = np.zeros(length, dtype=DTYPES[bits])
     nonce = stream.to_bytes(16, "little")
     enc = Cipher(algorithms.ChaCha20(seed, nonce), mode=None).encryptor()
-    raw = enc.update(bytes(length * np.dtype(dtype).itemsize))
-    return np.frombuffer(raw, dtype=dtype).copy()
+    enc.update_into(out.view(np.uint8), out.view(np.uint8))  # keystream XOR zeros, in place
+    return out
 
 
 def pair_seed(own: KeyPair, peer_public: bytes, tag: str) -> bytes:
@@ -117,7 +117,10 @@ def mask(values: np.ndarray, me: str, mask_keys: KeyPair, peers: dict[str, bytes
         if peer == me:
             continue
         m = prg(pair_seed(mask_keys, public, tag), len(values), bits, stream)
-        out = out + m if me < peer else out - m
+        if me < peer:
+            out += m
+        else:
+            out -= m
     return out
 
 
@@ -130,13 +133,16 @@ def unmask(total: np.ndarray, self_seeds: list[bytes], dropped: dict[str, bytes]
     """
     out = total.copy()
     for seed in self_seeds:
-        out = out - prg(seed, len(out), bits, stream)
+        out -= prg(seed, len(out), bits, stream)
     for gone, secret in dropped.items():
         keys = KeyPair.from_secret(secret)
         for site, public in survivors.items():
             m = prg(pair_seed(keys, public, tag), len(out), bits, stream)
             # The survivor added +m if site < gone, else -m: take it back out.
-            out = out - m if site < gone else out + m
+            if site < gone:
+                out -= m
+            else:
+                out += m
     return out
 
 
@@ -154,9 +160,12 @@ def encode_fixed(x: np.ndarray, clip: float, levels: int, bits: int,
                  rng: np.random.Generator) -> np.ndarray:
     """Clip to [-clip, clip], scale to [-levels, levels], round stochastically (unbiased),
     and reduce mod 2^bits."""
-    y = np.clip(x.astype(np.float64), -clip, clip) * (levels / clip)
-    q = np.floor(y + rng.random(y.shape)).astype(np.int64)
-    return (q % (1 << bits)).astype(DTYPES[bits])
+    y = np.clip(x, -clip, clip, dtype=np.float64)
+    y *= levels / clip
+    y += rng.random(y.shape)
+    np.floor(y, out=y)
+    # Two's complement: the int64 -> unsigned cast keeps the low bits, i.e. reduces mod 2^bits.
+    return y.astype(np.int64).astype(DTYPES[bits])
 
 
 def decode_fixed(total: np.ndarray, clip: float, levels: int, bits: int) -> np.ndarray:
