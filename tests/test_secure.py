@@ -166,12 +166,14 @@ def test_below_the_threshold_the_round_is_skipped_not_wrong(tmp_path: Path,
     assert recs[1]["participants"] == list(SITES5)  # the next round has everyone again
 
 
-@pytest.mark.parametrize("how", ["flip", "truncate"])
-def test_tampered_masked_vector_is_detected_and_left_out(tmp_path: Path, corpus_file: Path,
-                                                         how: str) -> None:
+@pytest.mark.parametrize(("how", "secure"), [
+    ("flip", "secure={threshold=3}"), ("truncate", "secure={threshold=3}"),
+    ("flip", 'secure={default="he", sensitive="he", threshold=3}')])
+def test_tampered_masked_vector_or_ciphertext_is_detected_and_left_out(
+        tmp_path: Path, corpus_file: Path, how: str, secure: str) -> None:
     plain, _ = _run(tmp_path / "plain", corpus_file, sites=SITES5,
                     factory=faulty({"c": "train"}))
-    masked, recs = _run(tmp_path / "mask", corpus_file, "secure={threshold=3}", sites=SITES5,
+    masked, recs = _run(tmp_path / "mask", corpus_file, secure, sites=SITES5,
                         factory=faulty({}, {"c": how}))
     assert "c" not in recs[0]["participants"]
     reason = recs[0]["secure"]["dropped"]["c"]
@@ -233,3 +235,61 @@ def test_coordinator_cannot_tell_which_tokens_a_site_used(tmp_path: Path,
     masked_auc = _auc(np.abs(signed).sum(axis=1).astype(np.float64), used)
     assert plain_auc > 0.9
     assert 0.35 < masked_auc < 0.65
+
+
+# ---- CKKS and the hybrid policy -------------------------------------------------------------
+
+HYBRID = 'secure={default="plain", sensitive="he"}'
+
+
+def test_hybrid_and_full_ckks_equal_plain_fedavg(tmp_path: Path, corpus_file: Path) -> None:
+    plain, _ = _run(tmp_path / "plain", corpus_file)
+    for name, secure in (("he", 'secure={default="he", sensitive="he"}'), ("hybrid", HYBRID),
+                         ("three", 'secure={default="mask", sensitive="he"}')):
+        params, recs = _run(tmp_path / name, corpus_file, secure)
+        assert _max_diff(plain, params) < 1e-5, name
+        routes = recs[0]["secure"]["routes"]
+        assert routes["he"] >= 1 and recs[0]["secure"]["decryptor"] in ("a", "b", "c")
+    assert routes == {"he": 1, "mask": 15, "plain": 0}  # the tied embedding is the sensitive one
+
+
+def test_the_coordinator_never_holds_the_ckks_secret_key(tmp_path: Path,
+                                                         corpus_file: Path) -> None:
+    from fedsky import he
+
+    seen: list = []
+    _run(tmp_path, corpus_file, HYBRID, factory=faulty({}, seen=seen))
+    received = 0
+    for _, phase, reply in seen:  # every payload a site sent to the coordinator
+        for name, t in unpack(reply)[0].items():
+            raw = t.numpy().tobytes()
+            try:
+                ctx = he.load_context(raw, workers=1)
+            except FedskyError:
+                continue  # sealed secrets and ciphertexts are no context it can load
+            assert name == "public" and phase == "he_create"
+            assert not he.has_secret_key(ctx)
+            received += 1
+    assert received == 1
+    # the secret reached the other sites sealed to their keys: opaque to the coordinator
+    sealed = [unpack(r)[0] for _, ph, r in seen if ph == "he_create"][0]
+    assert sorted(k for k in sealed if k.startswith("sealed/")) == ["sealed/b", "sealed/c"]
+
+
+def test_secure_hybrid_over_grpc_processes_gives_the_in_process_result(
+        tmp_path: Path, corpus_file: Path) -> None:
+    import subprocess
+
+    from conftest import fedsky_cmd
+
+    secure = 'secure={default="mask", sensitive="he", he={workers=1}}'
+    job_path = tiny_job(tmp_path, corpus_file)
+    proc = subprocess.run(fedsky_cmd("run", str(job_path), "--transport", "grpc", "--set",
+                                     secure, "--set", "training.threads=1", "--set",
+                                     f'output_dir="{tmp_path / "grpc"}"'),
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    in_process, _ = _run(tmp_path / "inproc", corpus_file, secure, rounds=2)
+    over_grpc = load_checkpoint(tmp_path / "grpc" / "checkpoint.safetensors")[1]
+    assert _max_diff(over_grpc, in_process) < 1e-6
+    assert read_metrics(tmp_path / "grpc")[-1]["participants"] == ["a", "b", "c"]

@@ -43,8 +43,8 @@ class SecureRule(Strict):
 class HeConfig(Strict):
     """CKKS parameters (see docs/encryption.md for the security level and precision)."""
 
-    poly_modulus_degree: Literal[4096, 8192, 16384] = 8192
-    workers: int | None = Field(None, gt=0)  # parallel encrypt/decrypt; None: all cores
+    poly_modulus_degree: Literal[4096, 8192, 16384] = 4096  # 2048 values per ciphertext
+    workers: int | None = Field(None, gt=0)  # processes encrypting blocks; None: one per core
 
 
 class SecureConfig(Strict):

@@ -139,7 +139,7 @@ def run_secure_round(job: JobConfig, transport: Transport, round_idx: int,
     u3 = [s for s in u2 if s in inputs]
     if len(u3) < threshold:
         return _fail(out, f"{len(u3)} masked update(s); the threshold is {threshold}")
-    sums = _add(job, by_route, {s: inputs[s] for s in u3}, he_public)
+    sums = _add(job, by_route, {s: inputs[s] for s in u3}, he_public, global_params)
 
     # unmask: survivors' self-mask seeds, dropped sites' masking secrets; one site decrypts
     dropped = [s for s in u2 if s not in u3]
@@ -149,9 +149,8 @@ def run_secure_round(job: JobConfig, transport: Transport, round_idx: int,
         head = {"round": r, "phase": "unmask", "survivors": u3, "dropped": dropped}
         tensors: dict[str, torch.Tensor] = {}
         if s == decryptor:
-            he_length = sum(global_params[n].numel() for n in by_route["he"]) + int(
-                weight_route(by_route) == "he")
-            head.update(he_sizes=[len(b) for b in sums["he"]], he_length=he_length)
+            head.update(he_sizes=[len(b) for b in sums["he"]],
+                        he_length=he_length(by_route, global_params))
             tensors["he_sum"] = torch.frombuffer(bytearray(b"".join(sums["he"])),
                                                  dtype=torch.uint8)
         tasks[s] = pack(tensors, head)
@@ -170,6 +169,12 @@ def run_secure_round(job: JobConfig, transport: Transport, round_idx: int,
                 "routes": {k: len(v) for k, v in by_route.items()},
                 "dropped_after_keys": dropped}
     return out
+
+
+def he_length(by_route: dict[str, list[str]], global_params: Params) -> int:
+    """Values in a site's CKKS vector: its `he` tensors, plus the weight if it travels there."""
+    return sum(global_params[n].numel() for n in by_route["he"]) + int(
+        weight_route(by_route) == "he")
 
 
 def _fail(out: SecureOutcome, reason: str) -> SecureOutcome:
@@ -236,7 +241,7 @@ def _check_masked(job: JobConfig, by_route: dict[str, list[str]], length: int,
 
 
 def _add(job: JobConfig, by_route: dict[str, list[str]], inputs: dict[str, dict[str, Any]],
-         he_public: Any) -> dict[str, Any]:
+         he_public: Any, global_params: Params) -> dict[str, Any]:
     """What the coordinator can do without any key: add."""
     sums: dict[str, Any] = {}
     first = next(iter(inputs.values()))
@@ -248,7 +253,8 @@ def _add(job: JobConfig, by_route: dict[str, list[str]], inputs: dict[str, dict[
             sums[key] = acc
     if by_route["he"]:
         from fedsky import he
-        sums["he"] = he.sum_all(he_public, [inp["he"] for inp in inputs.values()])
+        sums["he"] = he.sum_all(he_public, [inp["he"] for inp in inputs.values()],
+                                he_length(by_route, global_params))
     for n in by_route["plain"]:
         sums[f"plain/{n}"] = torch.stack([inp[f"plain/{n}"].double()
                                           for inp in inputs.values()]).sum(0)
@@ -337,7 +343,8 @@ def he_setup(job: JobConfig, transport: Transport, sites: list[str],
         raise FedskyError(f"CKKS set-up: site {leader} did not create the keys: "
                           f"{out.dropped.get(leader)}")
     tensors, _ = got[leader]
-    public = he.load_context(tensors["public"].numpy().tobytes())
+    public = he.load_context(tensors["public"].numpy().tobytes(),
+                             job.secure.he.workers if job.secure else None)
     if he.has_secret_key(public):
         raise FedskyError(f"CKKS set-up: site {leader} sent a context with its secret key; "
                           "the coordinator must never hold it")

@@ -51,6 +51,15 @@ class PendingRound:
     revealed: bool = False
 
 
+def ckks_params(job: JobConfig) -> Any:
+    """The job's CKKS parameters (fedsky.he loads TenSEAL: only where encryption is used)."""
+    from fedsky import he
+
+    assert job.secure is not None
+    cfg = job.secure.he
+    return he.CkksParams(poly_modulus_degree=cfg.poly_modulus_degree, workers=cfg.workers or 0)
+
+
 def round_tag(job: JobConfig, round_idx: int) -> str:
     """Binds seeds and sealed shares to this job and round: nothing replays across them."""
     return f"{job.name}|{job.seed}|{round_idx}"
@@ -164,7 +173,7 @@ def masked_reply(job: JobConfig, site: str, pending: PendingRound, header: dict[
         flat = [pending.delta[n].double().ravel() * scale for n in by_route["he"]]
         if weight_route(by_route) == "he":
             flat.append(torch.tensor([scale], dtype=torch.float64))
-        blocks = he.encrypt(he_ctx, torch.cat(flat).numpy(), job.secure.he.workers)
+        blocks = he.encrypt(he_ctx, torch.cat(flat).numpy())
         tensors["he"] = torch.frombuffer(bytearray(b"".join(blocks)), dtype=torch.uint8)
         out_header["he_sizes"] = [len(b) for b in blocks]
     for n in by_route["plain"]:
@@ -196,9 +205,7 @@ def unmask_reply(job: JobConfig, site: str, pending: PendingRound, header: dict[
     if "he_sum" in tensors:  # this site decrypts the round's CKKS sum for the coordinator
         from fedsky import he
         blocks = split_blocks(tensors["he_sum"], header["he_sizes"])
-        out["he_plain"] = torch.from_numpy(he.decrypt(he_ctx, blocks, int(header["he_length"]),
-                                                      job.secure.he.workers if job.secure
-                                                      else None))
+        out["he_plain"] = torch.from_numpy(he.decrypt(he_ctx, blocks, int(header["he_length"])))
     return pack(out, out_header)
 
 

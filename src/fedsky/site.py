@@ -27,7 +27,7 @@ from fedsky.errors import FedskyError
 from fedsky.evaluation import evaluate
 from fedsky.model import build_model, load_trainable, pick_device, trainable_state
 from fedsky.secagg import KeyPair, seal, unseal
-from fedsky.secure_site import SETUP_PHASES, PendingRound
+from fedsky.secure_site import SETUP_PHASES, PendingRound, ckks_params
 from fedsky.strategies import log_weight
 from fedsky.training import make_optimizer, train_steps
 from fedsky.transport.base import SiteHandler
@@ -183,7 +183,7 @@ def he_setup_reply(site: Site, phase: str, tensors: Params, header: dict[str, An
         reply["setup_pk"] = site.setup_key.public.hex()
     elif phase == "he_create":
         assert site.setup_key is not None
-        site.he_ctx = he.new_secret_context(he.params_for(site.job.secure.he))
+        site.he_ctx = he.new_secret_context(ckks_params(site.job))
         secret = he.secret_context_bytes(site.he_ctx)
         out["public"] = _as_bytes_tensor(he.public_context_bytes(site.he_ctx))
         for peer, pk in header["peers"].items():
@@ -194,7 +194,7 @@ def he_setup_reply(site: Site, phase: str, tensors: Params, header: dict[str, An
         assert site.setup_key is not None
         secret = unseal(site.setup_key, bytes.fromhex(header["from_pk"]),
                         tensors["sealed"].numpy().tobytes(), f"{context}|{site.name}")
-        site.he_ctx = he.load_context(secret)
+        site.he_ctx = he.load_context(secret, ckks_params(site.job).workers)
     return pack(out, reply)
 
 
