@@ -136,7 +136,8 @@ def main() -> None:
         for r in result["big"]:
             r["time_vs_plain_sum"] = r["masked_total_s_median"] / r["plain_sum_s_median"]
     print(json.dumps(result, indent=2))
-    print("\n| arm | round s (median) | x plain | bytes up / site / round | x plain | final eval loss |")
+    print("\n| arm | round s (median) | x plain | bytes up / site / round | x plain "
+          "| final eval loss |")
     print("|---|---|---|---|---|---|")
     for arm, r in result["workload"].items():
         print(f"| {arm} | {r['round_s_median']:.2f} | {r.get('round_time_vs_plain', 1):.2f} | "

@@ -293,3 +293,13 @@ def test_secure_hybrid_over_grpc_processes_gives_the_in_process_result(
     over_grpc = load_checkpoint(tmp_path / "grpc" / "checkpoint.safetensors")[1]
     assert _max_diff(over_grpc, in_process) < 1e-6
     assert read_metrics(tmp_path / "grpc")[-1]["participants"] == ["a", "b", "c"]
+
+
+def test_distributed_dp_noise_composes_with_masking(tmp_path: Path, corpus_file: Path) -> None:
+    dp = ["strategy={name='fedavg', weighting='uniform'}",
+          "privacy={client={clip=0.5, noise_multiplier=0.8, placement='distributed'}, "
+          "secure_mode=false}"]
+    plain, plain_recs = _run(tmp_path / "plain", corpus_file, *dp)
+    masked, recs = _run(tmp_path / "mask", corpus_file, *dp, "secure={}")
+    assert recs[0]["epsilon"] == plain_recs[0]["epsilon"] > 0
+    assert _max_diff(plain, masked) < 1e-5  # the sites noised before masking: same model
