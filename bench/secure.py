@@ -43,7 +43,7 @@ ARMS: dict[str, list[str]] = {
 
 
 def run_arm(name: str, rounds: int, out: Path, extra: list[str]) -> dict[str, Any]:
-    overrides = [f"rounds={rounds}", f'output_dir="{out / name}"', "tracking=null",
+    overrides = [f"rounds={rounds}", f'output_dir="{out / name}"',
                  *ARMS[name], *extra]
     job, job_dir = load_job(REPO / "examples" / "quickstart.toml", overrides)
     started = time.perf_counter()

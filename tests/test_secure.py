@@ -185,7 +185,7 @@ def test_incompatible_combinations_are_refused_at_load(tmp_path: Path,
                                                        corpus_file: Path) -> None:
     cases = {
         "strategy={name='median'}": "sorts each site's values",
-        "codec.uplink=[{name='topk', density=0.1}]": "would not line up",
+        "codec.uplink=[{name='topk', density=0.1}]": "would not line up; use randk",
         "secure={default='plain', sensitive='plain'}": "every route is 'plain'",
         "secure={threshold=9}": "exceeds the sites per round",
     }
@@ -303,3 +303,13 @@ def test_distributed_dp_noise_composes_with_masking(tmp_path: Path, corpus_file:
     masked, recs = _run(tmp_path / "mask", corpus_file, *dp, "secure={}")
     assert recs[0]["epsilon"] == plain_recs[0]["epsilon"] > 0
     assert _max_diff(plain, masked) < 1e-5  # the sites noised before masking: same model
+
+
+def test_randk_with_a_shared_seed_composes_with_masking(tmp_path: Path,
+                                                        corpus_file: Path) -> None:
+    randk = "codec.uplink=[{name='randk', density=0.25}]"
+    plain, plain_recs = _run(tmp_path / "plain", corpus_file, randk, rounds=2)
+    masked, recs = _run(tmp_path / "mask", corpus_file, randk, "secure={}", rounds=2)
+    assert _max_diff(plain, masked) < 1e-5  # same support, same residuals, same model
+    assert sum(recs[-1]["bytes_up"].values()) < 0.4 * sum(
+        _run(tmp_path / "dense", corpus_file, "secure={}", rounds=2)[1][-1]["bytes_up"].values())

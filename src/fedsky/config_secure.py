@@ -77,10 +77,11 @@ def check_secure(job: JobConfig) -> None:
                          "under secure aggregation the coordinator sees only their sum (use "
                          "fedavg, dynamic or fedopt)")
     for stage in job.codec.uplink:
-        if stage.name in ("topk", "randk", "adaptive", "lowrank"):
-            raise ValueError(f"secure: codec.uplink stage {stage.name!r} sends each site a "
-                             "different support or basis, so masked or encrypted sums would "
-                             "not line up; use secure.bits = 8 or 16 for compressed bytes")
+        if stage.name in ("topk", "adaptive", "lowrank"):
+            raise ValueError(f"secure: codec.uplink stage {stage.name!r} gives each site its "
+                             "own support or basis, so masked or encrypted sums would not line "
+                             "up; use randk (its support comes from a seed shared by all sites) "
+                             "and/or secure.bits = 8 or 16 (shared-scale quantization)")
         if stage.name in ("cast", "quantize", "zstd"):
             raise ValueError(f"secure: codec.uplink stage {stage.name!r} does not apply: masked "
                              "values are uniformly random integers; use secure.bits (8, 16, 32) "

@@ -29,6 +29,8 @@ from fedsky.errors import FedskyError
 from fedsky.secure_site import (
     PHASES,
     SETUP_PHASES,
+    mask_ranges,
+    randk_support,
     round_tag,
     routes,
     split_blocks,
@@ -128,7 +130,9 @@ def run_secure_round(job: JobConfig, transport: Transport, round_idx: int,
                           "weight_exp": weight_exp,
                           "sealed": {u: sealed[u][s] for u in u2 if u != s}}) for s in u2}
     got = phase.run(r, "masked", tasks)
-    length = sum(global_params[n].numel() for n in by_route["mask"])
+    chosen = randk_support(job, global_params, by_route, r)
+    length = sum(global_params[n].numel() for n in by_route["mask"]) if chosen is None \
+        else int(chosen.sum())
     inputs = {}
     for s, (tensors, header) in got.items():
         try:
@@ -161,7 +165,7 @@ def run_secure_round(job: JobConfig, transport: Transport, round_idx: int,
         return _fail(out, f"{len(got)} site(s) revealed shares; the threshold is {threshold}")
     mean, weight_sum = _unmask(job, by_route, global_params, sums, got, u3, dropped,
                                {s: bytes.fromhex(keyed[s][1]["masking_pk"]) for s in u3},
-                               ranges, tag_text, decryptor, threshold)
+                               ranges, r, decryptor, threshold)
     out.mean = mean
     out.updates = [_counters(s, keyed[s][1]) for s in u3]
     out.info = {"cohort": u2, "threshold": threshold, "weight_sum": weight_sum,
@@ -264,9 +268,10 @@ def _add(job: JobConfig, by_route: dict[str, list[str]], inputs: dict[str, dict[
 def _unmask(job: JobConfig, by_route: dict[str, list[str]], global_params: Params,
             sums: dict[str, Any], got: dict[str, tuple], survivors: list[str],
             dropped: list[str], survivor_pks: dict[str, bytes], ranges: dict[str, int],
-            tag_text: str, decryptor: str | None, threshold: int) -> tuple[Params, float]:
+            round_idx: int, decryptor: str | None, threshold: int) -> tuple[Params, float]:
     """Rebuild the secrets from the revealed shares, strip the masks, divide by the weights."""
     assert job.secure is not None
+    tag_text = round_tag(job, round_idx)
     index = {s.name: i + 1 for i, s in enumerate(job.sites)}
 
     def rebuild(owner: str, key: str) -> bytes:
@@ -298,11 +303,18 @@ def _unmask(job: JobConfig, by_route: dict[str, list[str]], global_params: Param
         total = secagg.unmask(sums["masked"], self_seeds, secrets_of_dropped, survivor_pks,
                               bits, tag_text, stream=0)
         levels = secagg.levels_for(bits, cohort)
+        clip = mask_ranges(by_route["mask"], global_params, ranges)
+        chosen = randk_support(job, global_params, by_route, round_idx)
+        values = np.zeros(len(clip))
+        if chosen is None:
+            values = secagg.decode_fixed(total, clip, levels, bits)
+        else:  # only the round's shared support was sent; the rest of the sum is zero
+            values[chosen] = secagg.decode_fixed(total, clip[chosen], levels, bits)
         at = 0
         for n in by_route["mask"]:
             size = global_params[n].numel()
-            values = secagg.decode_fixed(total[at:at + size], 2.0 ** ranges[n], levels, bits)
-            mean[n] = torch.from_numpy(values / weight_sum).reshape(global_params[n].shape)
+            mean[n] = torch.from_numpy(values[at:at + size] / weight_sum).reshape(
+                global_params[n].shape)
             at += size
     if he_values is not None:
         at = 0

@@ -155,10 +155,13 @@ def masked_reply(job: JobConfig, site: str, pending: PendingRound, header: dict[
     if by_route["mask"]:
         bits = job.secure.bits
         levels = secagg.levels_for(bits, len(cohort))
-        parts = [secagg.encode_fixed(pending.delta[n].double().numpy().ravel() * scale,
-                                     2.0 ** int(header["ranges"][n]), levels, bits, rng)
-                 for n in by_route["mask"]]
-        values = np.concatenate(parts)
+        values = np.concatenate([pending.delta[n].double().numpy().ravel() * scale
+                                 for n in by_route["mask"]])
+        clip = mask_ranges(by_route["mask"], pending.delta, header["ranges"])
+        chosen = randk_support(job, pending.delta, by_route, pending.round_idx)
+        if chosen is not None:  # the round's shared random support: aligned at every site
+            values, clip = values[chosen], clip[chosen]
+        values = secagg.encode_fixed(values, clip, levels, bits, rng)
         masked = secagg.mask(values, site, pending.masking, mask_peers, pending.self_seed,
                              bits, tag, stream=0)
         tensors["masked"] = torch.from_numpy(masked.view(np.uint8))
@@ -207,6 +210,35 @@ def unmask_reply(job: JobConfig, site: str, pending: PendingRound, header: dict[
         blocks = split_blocks(tensors["he_sum"], header["he_sizes"])
         out["he_plain"] = torch.from_numpy(he.decrypt(he_ctx, blocks, int(header["he_length"])))
     return pack(out, out_header)
+
+
+def mask_ranges(names: list[str], like: Params, ranges: dict[str, int]) -> np.ndarray:
+    """Each masked value's clip: 2^(its tensor's shared range exponent)."""
+    return np.concatenate([np.full(like[n].numel(), 2.0 ** int(ranges[n])) for n in names])
+
+
+def randk_support(job: JobConfig, like: Params, by_route: dict[str, list[str]],
+                  round_idx: int) -> np.ndarray | None:
+    """With a `randk` uplink stage: which values of the masked vector are sent this round.
+
+    The site's uplink pipeline picked a random support over its whole flattened update
+    (a function of the round's shared seed only, and kept what it dropped as its error-
+    feedback residual); these are that support's positions inside the masked tensors."""
+    stage = next((st for st in job.codec.uplink if st.name == "randk"), None)
+    if stage is None:
+        return None
+    from fedsky.compression import randk_indices
+    from fedsky.site import link_seeds
+
+    total = sum(t.numel() for t in like.values())
+    k = max(1, min(total, int(stage.density * total)))
+    chosen = np.zeros(total, dtype=bool)
+    chosen[randk_indices(total, k, link_seeds(job.seed, round_idx, None).shared).numpy()] = True
+    offsets, at = {}, 0
+    for name in sorted(like):  # the order the codec pipeline flattens an update in
+        offsets[name] = (at, at + like[name].numel())
+        at += like[name].numel()
+    return np.concatenate([chosen[slice(*offsets[n])] for n in by_route["mask"]])
 
 
 def split_blocks(buf: torch.Tensor, sizes: list[int]) -> list[bytes]:

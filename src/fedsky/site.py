@@ -231,6 +231,10 @@ def train_round(site: Site, tensors: Params, header: dict[str, Any]) -> bytes:
     if site.privacy is not None:
         delta = site.privacy.privatize_update(delta, seed)
     if site.job.secure is not None:  # keys now; the update leaves only masked or encrypted
+        if site.codecs.uplink.lossy:  # randk: keep the shared support, the rest is residual
+            sent = site.codecs.uplink.encode(delta, link_seeds(
+                site.job.seed, round_idx, site.index)).decoded
+            delta = {k: sent[k] for k in delta}  # parameter order, as the coordinator has it
         own = site.job.sites[site.index].profile
         site.pending = PendingRound(round_idx, delta, log_weight(
             site.job.strategy, len(site.data), _nan(loss_before), _nan(loss_after),
