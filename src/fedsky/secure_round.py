@@ -100,7 +100,6 @@ def run_secure_round(job: JobConfig, transport: Transport, round_idx: int,
     out = SecureOutcome(None, [], {})
     phase = Phase(transport, job.coordinator.round_deadline_s, out)
     by_route = routes(job, list(global_params))
-    tag_text = round_tag(job, r)
 
     # train: the model out, public keys and ranges back
     replies = transport.exchange(tag(r, "train"), train_tasks, job.coordinator.round_deadline_s)
