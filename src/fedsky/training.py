@@ -110,20 +110,19 @@ def train_steps(
         idx = sample_batch(len(data), cfg, generator)
         if len(idx) == 0:
             continue
-        total = target_count(data[idx])  # loss-bearing tokens in the whole batch, all ranks
+        total = target_count(data, idx)  # loss-bearing tokens in the whole batch, all ranks
         # This rank's micro-batches: every world-th of grad_accum x world equal slices.
         mine = idx.tensor_split(cfg.grad_accum * ranks.world)[ranks.rank :: ranks.world]
         opt.zero_grad(set_to_none=True)
         for j, part in enumerate(mine):
-            micro = data[part]
-            share = target_count(micro) * ranks.world / total
+            share = target_count(data, part) * ranks.world / total
             if share == 0 and ranks.world == 1:
                 continue  # nothing to learn from (a Poisson draw's empty slice)
             last = j == len(mine) - 1
             # DDP all-reduces gradients on the last micro-batch's backward only.
             sync = contextlib.nullcontext() if last or ranks.world == 1 else model.no_sync()
             with sync:
-                ids, labels = inputs_and_labels(to_device(micro, device))  # (b, T) each
+                ids, labels = inputs_and_labels(to_device(data[part], device))  # (b, T) each
                 with torch.autocast(device.type, amp or torch.bfloat16, enabled=amp is not None):
                     out = model(input_ids=ids, labels=labels)
                 # transformers' loss is the mean over the micro-batch's targets; weighting it

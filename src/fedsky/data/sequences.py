@@ -83,11 +83,11 @@ def inputs_and_labels(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return (batch.ids, batch.labels) if isinstance(batch, Rows) else (batch, batch)
 
 
-def target_count(batch: Batch) -> int:
-    """How many next-token predictions of `batch` take a loss."""
-    if isinstance(batch, Rows):
-        return int((batch.labels[:, 1:] != IGNORE).sum())
-    return len(batch) * (batch.shape[1] - 1)
+def target_count(data: Batch, idx: torch.Tensor) -> int:
+    """How many next-token predictions of the rows `data[idx]` take a loss."""
+    if isinstance(data, Rows):
+        return int((data.labels[idx, 1:] != IGNORE).sum())
+    return len(idx) * (data.shape[1] - 1)
 
 
 def concat(parts: list[Batch]) -> Batch:
