@@ -87,6 +87,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int,
 
         with warnings.catch_warnings():  # GPT-2's Conv1D: peft sets fan_in_fan_out itself
             warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* deprecated")
             model = get_peft_model(
                 model,
                 LoraConfig(
