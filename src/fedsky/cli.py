@@ -182,7 +182,9 @@ def worker(
     retries: Annotated[int, typer.Option(help="Connection attempts before giving up")] = 5,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run one site: dial the coordinator, train on local data each round, send updates."""
+    """Run one site: dial the coordinator, train on local data each round, send updates.
+
+    Under `torchrun --nproc-per-node N`, the N processes are one site (DDP); rank 0 dials."""
     _setup_logging(verbose)
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -197,9 +199,15 @@ def worker(
         token = os.environ.get("FEDSKY_TOKEN", "")
     if not token:
         raise FedskyError("no site secret: set FEDSKY_TOKEN or pass --token-file")
+    from fedsky.distributed import init_from_env, serve_site_group
     from fedsky.site import site_factory
     from fedsky.transport.grpc_worker import serve_site
 
+    group = init_from_env()  # under torchrun: one rank of a multi-process site
+    if group is not None:
+        serve_site_group(coordinator, site, token, data, group,
+                         tls_ca=str(tls_ca) if tls_ca else None, connect_retries=retries)
+        return
     serve_site(coordinator, site, token, site_factory(data),
                tls_ca=str(tls_ca) if tls_ca else None, connect_retries=retries)
 

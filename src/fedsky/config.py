@@ -19,17 +19,29 @@ from fedsky.errors import FedskyError
 
 
 class LoraConfig(Strict):
+    """LoRA adapters (Hu et al. 2021) via peft: only these are trained and federated."""
+
     r: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["c_attn"])
+    # Module names to adapt: GPT-2 calls its attention projection `c_attn`; Llama, Qwen and
+    # Mistral use q_proj, k_proj, v_proj, o_proj (and gate_proj, up_proj, down_proj).
+    target_modules: list[str] = Field(default_factory=lambda: ["c_attn"], min_length=1)
 
 
 class ModelConfig(Strict):
     """A causal LM built from a small config (`arch`) or loaded from a local directory."""
 
     arch: Literal["gpt2", "llama"] = "gpt2"
-    pretrained: str | None = None  # local directory with a transformers model; overrides arch
+    # A local directory with a transformers causal LM (or a Hub name, when online); overrides
+    # arch and the sizes below. Its tokenizer is used unless tokenizer.pretrained says otherwise.
+    pretrained: str | None = None
+    # The dtype the pretrained weights are loaded in; trainable tensors (LoRA) stay fp32.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # QLoRA (Dettmers et al. 2023): the frozen base in 8 or 4 bits via bitsandbytes, on a GPU.
+    quantize: Literal["8bit", "4bit"] | None = None
+    # Also write the adapters merged into the base, as a plain transformers model (model-merged/).
+    save_merged: bool = False
     n_layer: int = Field(2, gt=0)
     n_embd: int = Field(128, gt=0)
     n_head: int = Field(4, gt=0)
@@ -41,6 +53,12 @@ class ModelConfig(Strict):
     def _heads_divide(self) -> ModelConfig:
         if self.pretrained is None and self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.quantize is not None and (self.pretrained is None or self.lora is None):
+            raise ValueError("model.quantize (QLoRA) needs model.pretrained and model.lora: a "
+                             "quantized base cannot be trained itself, only adapters on it")
+        if self.save_merged and self.lora is None:
+            raise ValueError("model.save_merged needs model.lora: without adapters the saved "
+                             "model is already the whole model")
         return self
 
 
@@ -55,7 +73,9 @@ class TokenizerConfig(Strict):
 
 
 class DataConfig(Strict):
-    format: Literal["wikitext", "text", "csv", "hf"] = "wikitext"
+    # jsonl: instruction data, one {"prompt", "response"} or {"messages": [...]} per line;
+    # the loss is taken on the responses (assistant turns) only.
+    format: Literal["wikitext", "text", "csv", "hf", "jsonl"] = "wikitext"
     train: str = "wikitext-2/valid.txt"  # path (or HF dataset name with format = "hf")
     eval: str | None = None  # None: hold out the last eval_fraction of the train documents
     eval_fraction: float = Field(0.1, gt=0, lt=1)
@@ -110,7 +130,12 @@ class TrainingConfig(Strict):
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     local_steps: int = Field(10, gt=0)
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0)  # sequences per optimizer step, over all of a site's ranks
+    # Micro-batches per optimizer step: batch_size / (grad_accum x ranks) sequences each, their
+    # gradients summed before the step (the same step as one full batch, in less memory).
+    grad_accum: int = Field(1, gt=0)
+    # auto: bf16 autocast on a CUDA device that supports it, fp32 elsewhere; bf16 needs CUDA.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     seq_len: int = Field(64, gt=1)
     # How a step's batch is drawn: `uniform`, batch_size sequences with replacement; `poisson`,
     # each sequence independently with probability batch_size / N (the batch size is then the
@@ -436,6 +461,9 @@ class JobConfig(Strict):
 
     @model_validator(mode="after")
     def _cross_field(self) -> JobConfig:
+        if self.training.batch_size % self.training.grad_accum:
+            raise ValueError(f"training.batch_size ({self.training.batch_size}) must be a "
+                             f"multiple of training.grad_accum ({self.training.grad_accum})")
         if self.coordinator.min_sites > len(self.sites):
             raise ValueError(
                 f"coordinator.min_sites ({self.coordinator.min_sites}) exceeds the number of "
@@ -469,6 +497,12 @@ def _check_privacy(job: JobConfig) -> None:
         raise ValueError("privacy.dp_sgd needs training.sampling = 'poisson': its accounting "
                          "assumes each sequence joins a batch independently, with probability "
                          "batch_size / N")
+    if priv.dp_sgd is not None and job.data.format == "jsonl":
+        raise ValueError("privacy.dp_sgd with data.format = 'jsonl' is not supported yet: its "
+                         "per-sequence losses cover every token, not the responses only")
+    if priv.dp_sgd is not None and job.training.grad_accum > 1:
+        raise ValueError("privacy.dp_sgd takes one Poisson sample per step; set "
+                         "training.grad_accum = 1")
     if priv.dp_sgd is not None and job.training.keep_optimizer:
         raise ValueError("privacy.dp_sgd builds its own optimizer each round; "
                          "training.keep_optimizer is not supported with it")

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedsky.data import IGNORE, Batch, inputs_and_labels
+
 
 @dataclass
 class EvalResult:
@@ -18,22 +20,25 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, data: torch.Tensor, batch_size: int, device: torch.device
+    model: torch.nn.Module, data: Batch, batch_size: int, device: torch.device
 ) -> EvalResult:
-    """Token-weighted over every prediction in `data` (N, T): N * (T - 1) targets."""
+    """Token-weighted over every prediction in `data` (N, T): N * (T - 1) targets, or for
+    instruction rows the response tokens only (their labels)."""
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
     for start in range(0, len(data), batch_size):
-        batch = data[start : start + batch_size].to(device)  # (B, T)
-        logits = model(input_ids=batch).logits[:, :-1].float()  # (B, T-1, vocab)
-        targets = batch[:, 1:]  # (B, T-1)
+        ids, labels = inputs_and_labels(data[start : start + batch_size])  # (B, T) each
+        targets = labels[:, 1:]  # (B, T-1)
+        count += int((targets != IGNORE).sum())  # on the CPU: no device sync
+        ids, targets = ids.to(device), targets.to(device)
+        logits = model(input_ids=ids).logits[:, :-1].float()  # (B, T-1, vocab)
         total_loss += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
+            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum",
+            ignore_index=IGNORE,
         )
-        correct += (logits.argmax(-1) == targets).sum()
-        count += targets.numel()
+        correct += (logits.argmax(-1) == targets).sum()  # IGNORE never equals an argmax
     loss = float(total_loss) / count
     return EvalResult(
         loss=loss,

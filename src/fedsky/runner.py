@@ -23,12 +23,19 @@ from fedsky.checkpoint import load_checkpoint, save_checkpoint
 from fedsky.codecs import make_codec
 from fedsky.config import JobConfig
 from fedsky.coordinator import RoundContext, run_rounds
-from fedsky.data import as_hf_tokenizer
+from fedsky.data import Batch, as_hf_tokenizer, concat
 from fedsky.dp_aggregation import private_strategy
 from fedsky.errors import FedskyError
 from fedsky.evaluation import evaluate
 from fedsky.metrics import RunLog, read_metrics, summarize, write_summary
-from fedsky.model import build_model, count_parameters, load_trainable, pick_device, trainable_state
+from fedsky.model import (
+    build_model,
+    count_parameters,
+    load_trainable,
+    merge_adapters,
+    pick_device,
+    trainable_state,
+)
 from fedsky.site import make_setup, site_factory
 from fedsky.strategies import make_strategy
 from fedsky.training import make_optimizer, train_steps
@@ -39,6 +46,7 @@ from fedsky.workload import (
     eval_sequences,
     job_tokenizer,
     load_job_corpus,
+    pretrained_tokenizer,
     site_sequences,
     vocab_size,
 )
@@ -55,7 +63,7 @@ class Prepared:
     out_dir: Path
     tokenizer: Tokenizer
     model: torch.nn.Module
-    eval_data: torch.Tensor
+    eval_data: Batch
     device: torch.device
     corpus: Any
 
@@ -67,7 +75,7 @@ def prepare(job: JobConfig, job_dir: Path | None) -> Prepared:
     log.info("corpus: %s", corpus.source)
     tok = job_tokenizer(job, job_dir, corpus)
     device = pick_device(job.training.device)
-    model = build_model(job.model, vocab_size(tok), job.seed).to(device)
+    model = build_model(job.model, vocab_size(tok), job.seed, device)
     trainable, total = count_parameters(model)
     log.info("model: %s, %d trainable of %d parameters, on %s",
              job.model.pretrained or job.model.arch, trainable, total, device)
@@ -79,12 +87,19 @@ def prepare(job: JobConfig, job_dir: Path | None) -> Prepared:
 
 def _finish(p: Prepared, global_params: dict[str, torch.Tensor], mode: str,
             started: float) -> dict[str, Any]:
-    """Save the final model where transformers (or peft) can load it; write the summary."""
+    """Save the final model where transformers (or peft: the adapters alone) can load it,
+    with `model.save_merged` also the adapters merged into the base; write the summary."""
     load_trainable(p.model, global_params)
     model_dir = p.out_dir / "model"
     p.model.save_pretrained(model_dir)
-    tok = p.tokenizer if p.job.tokenizer.pretrained else as_hf_tokenizer(p.tokenizer)
+    tok = p.tokenizer if pretrained_tokenizer(p.job) else as_hf_tokenizer(p.tokenizer)
     tok.save_pretrained(model_dir)
+    extra = {}
+    if p.job.model.save_merged:
+        merged = merge_adapters(p.job.model, model_dir, p.out_dir / "model-merged",
+                                vocab_size(p.tokenizer), p.job.seed)
+        tok.save_pretrained(merged)
+        extra["merged_model_dir"] = str(merged)
     summary = summarize(read_metrics(p.out_dir), {
         "job": p.job.name,
         "mode": mode,
@@ -95,6 +110,7 @@ def _finish(p: Prepared, global_params: dict[str, torch.Tensor], mode: str,
         "checkpoint": str(p.out_dir / "checkpoint.safetensors"),
         "metrics": str(p.out_dir / "metrics.jsonl"),
         "elapsed_s": time.perf_counter() - started,
+        **extra,
     })
     write_summary(p.out_dir, summary)
     return summary
@@ -214,7 +230,7 @@ def run_centralized(job: JobConfig, job_dir: Path | None) -> dict[str, Any]:
     started = time.perf_counter()
     p = prepare(job, job_dir)
     (p.out_dir / "config.json").write_text(job.model_dump_json(indent=2))
-    pooled = torch.cat(list(site_sequences(job, job_dir, p.corpus, p.tokenizer).values()))
+    pooled = concat(list(site_sequences(job, job_dir, p.corpus, p.tokenizer).values()))
     per_round = (job.coordinator.sites_per_round or len(job.sites)) * job.training.local_steps
     runlog = RunLog(p.out_dir, job.rounds, f"{job.name} (centralized)")
     runlog.info(f"centralized: {len(pooled)} pooled sequences, {per_round} steps per round")

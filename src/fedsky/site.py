@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tokenizers import Tokenizer as BpeTokenizer
@@ -20,19 +20,34 @@ from fedsky import secure_site
 from fedsky.accounting import Link
 from fedsky.codecs import Codecs, Params, RoundSeeds, make_codec
 from fedsky.config import JobConfig, parse_job
-from fedsky.data import load_pretrained_tokenizer
+from fedsky.data import Batch, load_pretrained_tokenizer
 from fedsky.downlink import INITIAL, apply_delta, fingerprint
 from fedsky.dp_training import SitePrivacy
 from fedsky.errors import FedskyError
 from fedsky.evaluation import evaluate
-from fedsky.model import build_model, load_trainable, pick_device, trainable_state
+from fedsky.model import (
+    build_model,
+    load_trainable,
+    pick_device,
+    trainable_delta,
+    trainable_state,
+)
 from fedsky.secagg import KeyPair, seal, unseal
 from fedsky.secure_site import SETUP_PHASES, PendingRound, ckks_params
 from fedsky.strategies import log_weight
-from fedsky.training import make_optimizer, train_steps
+from fedsky.training import Ranks, make_optimizer, train_steps
 from fedsky.transport.base import SiteHandler
 from fedsky.wire import pack, unpack
-from fedsky.workload import Tokenizer, load_job_corpus, site_sequences, vocab_size
+from fedsky.workload import (
+    Tokenizer,
+    load_job_corpus,
+    pretrained_tokenizer,
+    site_sequences,
+    vocab_size,
+)
+
+if TYPE_CHECKING:
+    from fedsky.distributed import Group
 
 log = logging.getLogger("fedsky.site")
 
@@ -71,8 +86,8 @@ class Site:
     index: int
     job: JobConfig
     model: torch.nn.Module
-    data: torch.Tensor  # (N, seq_len) training sequences; never sent anywhere
-    probe: torch.Tensor  # (P, seq_len) fixed subset of `data` for the loss reports
+    data: Batch  # (N, seq_len) training sequences; never sent anywhere
+    probe: Batch  # (P, seq_len) fixed subset of `data` for the loss reports
     codecs: Codecs  # the uplink's encoder keeps this site's error-feedback residual
     device: torch.device
     held: Params | None = None  # the global model as this site last reconstructed it
@@ -82,10 +97,15 @@ class Site:
     pending: PendingRound | None = None  # secure aggregation: this round's update and keys
     he_ctx: Any = None  # CKKS context with the secret key (fedsky.he), after the set-up
     setup_key: KeyPair | None = None  # receives the CKKS secret from the generating site
+    # A multi-process site (torchrun): this process's rank, and `model` wrapped in DDP.
+    ranks: Ranks = field(default_factory=Ranks)
+    trainer: torch.nn.Module | None = None
 
 
-def open_site(name: str, setup: bytes, data_path: str | None = None) -> Site:
-    """Build a site from the setup payload: its data, its model, its codec."""
+def open_site(name: str, setup: bytes, data_path: str | None = None,
+              group: Group | None = None) -> Site:
+    """Build a site from the setup payload: its data, its model, its codec. With `group`,
+    this process is one rank of a multi-process site: every rank opens the same site."""
     _, header = unpack(setup)
     job = parse_job(header["job"], "setup from coordinator")
     names = [s.name for s in job.sites]
@@ -99,16 +119,22 @@ def open_site(name: str, setup: bytes, data_path: str | None = None) -> Site:
     if header.get("tokenizer") is not None:
         tok: Tokenizer = BpeTokenizer.from_str(header["tokenizer"])
     else:
-        tok = load_pretrained_tokenizer(job.tokenizer.pretrained or "")
+        tok = load_pretrained_tokenizer(pretrained_tokenizer(job) or "")
     own = next(s for s in job.sites if s.name == name)
     corpus = None if own.path is not None else load_job_corpus(job, job_dir)
     data = site_sequences(job, job_dir, corpus, tok, names=[name])[name]
-    device = pick_device(job.training.device)
+    device = pick_device(job.training.device) if group is None else group_device(job, group)
     if job.training.threads is not None:
         torch.set_num_threads(job.training.threads)
-    model = build_model(job.model, vocab_size(tok), job.seed).to(device)
-    log.info("site %s ready: %d sequences of %d tokens on %s",
-             name, len(data), job.training.seq_len, device)
+    model = build_model(job.model, vocab_size(tok), job.seed, device)
+    trainer = None
+    if group is not None:
+        from fedsky.distributed import wrap
+
+        trainer = wrap(model, group)
+    log.info("site %s ready: %d sequences of %d tokens on %s%s", name, len(data),
+             job.training.seq_len, device,
+             "" if group is None else f" (rank {group.ranks.rank} of {group.ranks.world})")
     index = names.index(name)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(job.seed + index))
     probe = data[order[: job.training.probe_sequences]]
@@ -117,7 +143,19 @@ def open_site(name: str, setup: bytes, data_path: str | None = None) -> Site:
                if job.privacy is not None else None)
     initial = trainable_state(model) if codecs.downlink.lossy else None  # round 0's base
     return Site(name, index, job, model, data, probe, codecs, device, initial, INITIAL,
-                privacy=privacy)
+                privacy=privacy, ranks=group.ranks if group else Ranks(), trainer=trainer)
+
+
+def group_device(job: JobConfig, group: Group) -> torch.device:
+    """A multi-process site trains where its process group lives; DP-SGD is single-process."""
+    if job.privacy is not None and job.privacy.dp_sgd is not None:
+        raise FedskyError("privacy.dp_sgd runs in one process per site; start this site "
+                          "without torchrun")
+    if job.training.device not in ("auto", group.device.type):
+        raise FedskyError(f"training.device = {job.training.device!r}, but this torchrun site "
+                          f"runs on {group.device} (NCCL on GPUs, gloo on CPUs); set "
+                          "training.device = 'auto'")
+    return group.device
 
 
 def receive_global(site: Site, tensors: Params, header: dict[str, Any]) -> tuple[int, Params]:
@@ -221,13 +259,15 @@ def train_round(site: Site, tensors: Params, header: dict[str, Any]) -> bytes:
         if site.job.training.keep_optimizer and site.optimizer is None:
             params = [p for p in site.model.parameters() if p.requires_grad]
             site.optimizer = make_optimizer(params, site.job.training)
-        result = train_steps(site.model, site.data, site.job.training,
-                             site.job.training.local_steps, gen, site.device, site.optimizer)
+        result = train_steps(site.trainer or site.model, site.data, site.job.training,
+                             site.job.training.local_steps, gen, site.device, site.optimizer,
+                             site.ranks)
     started = time.perf_counter()
     loss_after = probe_loss(site) if probing else None
     probe_s += time.perf_counter() - started
-    new = trainable_state(site.model)
-    delta = {k: new[k] - global_params[k] for k in new}
+    if site.ranks.rank != 0:  # the other ranks hold the same model; rank 0 reports it
+        return b""
+    delta = trainable_delta(site.model, global_params)
     if site.privacy is not None:
         delta = site.privacy.privatize_update(delta, seed)
     if site.job.secure is not None:  # keys now; the update leaves only masked or encrypted

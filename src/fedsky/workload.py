@@ -10,18 +10,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fedsky.config import JobConfig
 from fedsky.data import (
+    Batch,
     Corpus,
     Document,
     default_cache_dir,
+    encode_example,
     encode_texts,
     eos_id,
     load_corpus,
     load_documents,
     load_pretrained_tokenizer,
+    pack_examples,
     partition,
     to_sequences,
     train_bpe,
@@ -33,11 +34,18 @@ log = logging.getLogger("fedsky.data")
 Tokenizer = Any  # a tokenizers.Tokenizer or a transformers tokenizer
 
 
+def pretrained_tokenizer(job: JobConfig) -> str | None:
+    """Where the job's pretrained tokenizer lives: its own setting, else the pretrained model's
+    (a pretrained model needs its own vocabulary); None: train a BPE."""
+    return job.tokenizer.pretrained or job.model.pretrained
+
+
 def job_tokenizer(job: JobConfig, job_dir: Path | None, corpus: Corpus) -> Tokenizer:
     """A pretrained tokenizer from a directory, or a BPE trained on public text (cached)."""
     cfg = job.tokenizer
-    if cfg.pretrained is not None:
-        return load_pretrained_tokenizer(cfg.pretrained)
+    source = pretrained_tokenizer(job)
+    if source is not None:
+        return load_pretrained_tokenizer(source)
     if cfg.train_on == "eval":
         texts = [d.text for d in corpus.eval]
     elif cfg.train_on == "train":
@@ -82,8 +90,12 @@ def site_documents(
     return out
 
 
-def sequences(docs: list[Document], tok: Tokenizer, seq_len: int) -> torch.Tensor:
-    """(N, seq_len) token ids; documents joined by EOS."""
+def sequences(docs: list[Document], tok: Tokenizer, seq_len: int) -> Batch:
+    """(N, seq_len) token ids, documents joined by EOS; instruction examples become Rows that
+    carry labels (the loss on responses only)."""
+    if any(d.turns is not None for d in docs):
+        examples = [encode_example(tok, d.turns) for d in docs if d.turns is not None]
+        return pack_examples(examples, seq_len, eos_id(tok))
     return to_sequences(encode_texts(tok, [d.text for d in docs]), seq_len, eos_id(tok))
 
 
@@ -93,7 +105,7 @@ def site_sequences(
     corpus: Corpus | None,
     tok: Tokenizer,
     names: list[str] | None = None,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Batch]:
     """Training sequences of the named sites (default: all); a site with none is an error."""
     out = {}
     for name, docs in site_documents(job, job_dir, corpus, names).items():
@@ -107,7 +119,7 @@ def site_sequences(
     return out
 
 
-def eval_sequences(job: JobConfig, corpus: Corpus, tok: Tokenizer) -> torch.Tensor:
+def eval_sequences(job: JobConfig, corpus: Corpus, tok: Tokenizer) -> Batch:
     """The held-out set: the first `data.eval_sequences` sequences of the eval documents."""
     seqs = sequences(corpus.eval, tok, job.training.seq_len)[: job.data.eval_sequences]
     if len(seqs) == 0:

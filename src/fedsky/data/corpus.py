@@ -9,6 +9,7 @@ what to change.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import re
@@ -31,10 +32,16 @@ _FALLBACK_FORMATS = ("wikitext", "text")
 
 @dataclass(frozen=True)
 class Document:
-    """One unit of text a site owns whole; `label` (e.g. a topic) drives label-skew splits."""
+    """One unit of text a site owns whole; `label` (e.g. a topic) drives label-skew splits.
+
+    An instruction example also keeps its `turns`, (role, content) pairs: ("prompt", p) and
+    ("response", r), or a chat's messages; `text` then joins the contents (for partitioning by
+    size and for training a tokenizer) and the rows are built from the turns.
+    """
 
     text: str
     label: str | None = None
+    turns: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass
@@ -120,6 +127,8 @@ def load_documents(
             docs = split_wikitext(_read_text(path))
         elif cfg.format == "text":
             docs = _load_text(path)
+        elif cfg.format == "jsonl":
+            docs = load_jsonl(path, cfg)
         else:
             docs = _load_csv(path, cfg)
     if not docs:
@@ -188,6 +197,52 @@ def _load_csv(path: Path, cfg: DataConfig) -> list[Document]:
             label = row[label_idx].strip() if label_idx is not None else None
             docs.append(Document(text, label))
     return docs
+
+
+def load_jsonl(path: Path, cfg: DataConfig) -> list[Document]:
+    """Instruction examples, one JSON object a line: {"prompt": ..., "response": ...} or
+    {"messages": [{"role": ..., "content": ...}, ...]} with at least one assistant turn.
+    With a string `label_column`, that key of each object is its label."""
+    if path.is_dir():
+        raise FedskyError(f"{path} is a folder; format = 'jsonl' needs a file")
+    docs = []
+    for n, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise FedskyError(f"{path}:{n}: not JSON ({err.msg})") from None
+        turns = _turns(obj)
+        if turns is None:
+            raise FedskyError(f'{path}:{n}: expected {{"prompt": str, "response": str}} or '
+                              '{"messages": [{"role": str, "content": str}, ...]} with an '
+                              '"assistant" message')
+        label = None
+        if isinstance(cfg.label_column, str) and obj.get(cfg.label_column) is not None:
+            label = str(obj[cfg.label_column]).strip()
+        docs.append(Document("\n".join(c for _, c in turns), label, turns))
+    return docs
+
+
+def _turns(obj: object) -> tuple[tuple[str, str], ...] | None:
+    """An example's (role, content) pairs, or None when it has neither accepted shape."""
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
+        if not obj["response"]:
+            return None
+        return (("prompt", obj["prompt"]), ("response", obj["response"]))
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    turns = []
+    for m in messages:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            return None
+        turns.append((m["role"], m["content"]))
+    return tuple(turns) if any(r == "assistant" for r, _ in turns) else None
 
 
 def _column_index(

@@ -85,14 +85,14 @@ def train_bpe(texts: list[str], vocab_size: int, cache_dir: Path) -> Tokenizer:
 
 
 def load_pretrained_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    """Load a transformers tokenizer from a local directory, never from the network."""
+    """Load a transformers tokenizer from a local directory (or the Hub by `org/name`, online)."""
     from transformers import AutoTokenizer
 
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise FedskyError(f"tokenizer.pretrained: no such directory: {path}")
+    from fedsky.model import resolve_pretrained
+
+    source, local = resolve_pretrained(path, "tokenizer.pretrained")
     try:
-        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        return AutoTokenizer.from_pretrained(source, local_files_only=local)
     except (OSError, ValueError) as err:
         raise FedskyError(
             f"tokenizer.pretrained: cannot load a tokenizer from {path}: {err}"
