@@ -229,6 +229,11 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
                         ", ".join(sorted(waiting)))
         return replies
 
+    def wait_connected(self, site: str, timeout_s: float) -> bool:
+        """Whether `site` is connected, waiting up to `timeout_s` for it to (re)join."""
+        with self._lock:
+            return self._lock.wait_for(lambda: site in self._sessions, timeout=timeout_s)
+
     def reject(self, round_idx: int, site: str, reason: str) -> None:
         """Tell `site` its reply for `round_idx` was refused, and why (it keeps serving)."""
         with self._lock:
