@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from conftest import tiny_job
 from fedsky.codecs import make_codec
-from fedsky.config import CodecConfig
+from fedsky.config import CodecConfig, load_job
 from fedsky.errors import FedskyError
 from fedsky.validation import check_update, decode_update, update_norm
 
@@ -49,3 +52,9 @@ def test_a_payload_that_trips_the_decoder_is_a_rejection_not_a_crash() -> None:
     wire = {"v": torch.zeros(5)}  # 5 values for a 16-value model
     with pytest.raises(FedskyError, match="update from a cannot be decoded: wire tensor 'v'"):
         decode_update(codec, wire, {}, GLOBAL, "a")
+
+
+def test_a_norm_bound_needs_plaintext_updates(tmp_path: Path, corpus_file: Path) -> None:
+    with pytest.raises(FedskyError, match="max_update_norm needs plaintext updates"):
+        load_job(tiny_job(tmp_path, corpus_file),
+                 ["coordinator.max_update_norm=10", "secure={bits=32}"])

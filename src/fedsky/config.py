@@ -474,6 +474,9 @@ class JobConfig(Strict):
             _check_privacy(self)
         if self.secure is not None:
             check_secure(self)
+            if self.coordinator.max_update_norm is not None:
+                raise ValueError("coordinator.max_update_norm needs plaintext updates; with "
+                                 "[secure] the coordinator never sees one site's update")
         return self
 
 
