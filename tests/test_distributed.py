@@ -65,7 +65,7 @@ def test_torchrun_site_matches_the_single_process_site(tmp_path: Path,
     port = _free_port()
     job_file = tiny_job(tmp_path, corpus_file, sites=("a",))
     job, job_dir = load_job(job_file, [*SGD, "training.grad_accum=2",
-                                       f"transport.port={port}",
+                                       f"transport.port={port}", "transport.insecure=true",
                                        f'output_dir="{tmp_path / "ddp"}"'])
     tokens = new_tokens(job)
     log = (tmp_path / "torchrun.log").open("w")
@@ -73,10 +73,10 @@ def test_torchrun_site_matches_the_single_process_site(tmp_path: Path,
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "fedsky", "worker", "--coordinator", f"127.0.0.1:{port}", "--site", "a",
-         "--retries", "8"],
+         "--retries", "8", "--insecure"],
         env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        run_federated(job, job_dir, "grpc", tokens=tokens)
+        run_federated(job, job_dir, "grpc", tokens=tokens, external=True)
         assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:

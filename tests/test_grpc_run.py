@@ -18,7 +18,7 @@ from fedsky.config import load_job
 from fedsky.coordinator import RoundContext, run_rounds
 from fedsky.metrics import RunLog, read_metrics
 from fedsky.model import trainable_state
-from fedsky.runner import grpc_transport, new_tokens, prepare, run_federated, spawn_workers
+from fedsky.runner import grpc_security, grpc_transport, prepare, run_federated, spawn_workers
 from fedsky.site import make_setup
 from fedsky.strategies import make_strategy
 
@@ -49,9 +49,9 @@ def test_a_frozen_site_misses_the_deadline_and_the_round_completes(
     job, job_dir = load_job(tiny_job(tmp_path, corpus_file),
                             ["coordinator.round_deadline_s=8", "coordinator.min_sites=2"])
     p = prepare(job, job_dir)
-    tokens = new_tokens(job)
-    transport = grpc_transport(job, tokens)
-    procs = spawn_workers(job, transport.port, tokens, p.out_dir)
+    security = grpc_security(job)
+    transport = grpc_transport(job, security)
+    procs = spawn_workers(job, transport.port, security, p.out_dir)
     frozen = procs[2]  # site "c"
     runlog = RunLog(p.out_dir, job.rounds, "deadline")
     try:
@@ -82,7 +82,7 @@ def test_unreachable_coordinator_is_a_clear_error(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.run(fedsky_cmd("worker", "--coordinator", f"127.0.0.1:{port}",
-                                     "--site", "a", "--retries", "2"),
+                                     "--site", "a", "--retries", "2", "--insecure"),
                           env={**os.environ, "FEDSKY_TOKEN": "x"},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -95,23 +95,36 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path, corpus_file: Path) -> None
         s.listen()
         port = s.getsockname()[1]
         proc = subprocess.run(fedsky_cmd("coordinator", str(tiny_job(tmp_path, corpus_file)),
-                                         "--port", str(port)),
+                                         "--port", str(port), "--set", "transport.insecure=true"),
                               capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "already in use" in proc.stderr and "Traceback" not in proc.stderr
+    assert "plaintext" in proc.stderr  # the insecure mode is never silent
 
 
-def test_worker_without_a_secret_is_refused_locally() -> None:
+def test_coordinator_without_certificates_or_insecure_is_a_clear_error(
+    tmp_path: Path, corpus_file: Path
+) -> None:
+    proc = subprocess.run(fedsky_cmd("coordinator", str(tiny_job(tmp_path, corpus_file))),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "needs mutual TLS" in proc.stderr and "fedsky certs" in proc.stderr
+
+
+def test_worker_without_a_certificate_or_a_secret_is_refused_locally() -> None:
     env = {k: v for k, v in os.environ.items() if k != "FEDSKY_TOKEN"}
-    proc = subprocess.run(fedsky_cmd("worker", "--coordinator", "127.0.0.1:1", "--site", "a"),
-                          env=env, capture_output=True, text=True, timeout=60)
+    base = ("worker", "--coordinator", "127.0.0.1:1", "--site", "a")
+    proc = subprocess.run(fedsky_cmd(*base), env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no certificate" in proc.stderr
+    proc = subprocess.run(fedsky_cmd(*base, "--insecure"), env=env, capture_output=True,
+                          text=True, timeout=60)
     assert proc.returncode == 2 and "FEDSKY_TOKEN" in proc.stderr
 
 
 @pytest.mark.parametrize("bad", ["127.0.0.1", "127.0.0.1:notaport"])
 def test_malformed_coordinator_address(bad: str) -> None:
     proc = subprocess.run(fedsky_cmd("worker", "--coordinator", bad, "--site", "a",
-                                     "--retries", "1"),
+                                     "--retries", "1", "--insecure"),
                           env={**os.environ, "FEDSKY_TOKEN": "x"},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -5,8 +5,6 @@ Deadlines here only ever decide *whether* a reply counts, never how fast somethi
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import logging
 import os
 import random
@@ -19,11 +17,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from fedsky import certs
+from fedsky.certs import TlsFiles
 from fedsky.errors import FedskyError
 from fedsky.transport import frames
 from fedsky.transport.base import SiteFactory, SiteHandler
@@ -32,8 +28,16 @@ from fedsky.transport.grpc_coordinator import GrpcTransport
 from fedsky.transport.grpc_worker import serve_site
 
 REPO = Path(__file__).resolve().parents[1]
+SITES = ("a", "b", "c")
 TOKENS = {"a": "token-a-3f9c", "b": "token-b-81d0", "c": "token-c-5e27"}
 LONG_S = 30.0  # a deadline no healthy loopback round comes near
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[TlsFiles, dict[str, TlsFiles]]:
+    """A project CA with the coordinator's certificate and one per site (and one for
+    "mallory", a site the job does not have)."""
+    return certs.throwaway_pki(tmp_path_factory.mktemp("pki"), [*SITES, "mallory"], "127.0.0.1")
 
 
 def tagging_factory(site: str, setup: bytes) -> SiteHandler:
@@ -56,12 +60,13 @@ def pool() -> Iterator[ThreadPoolExecutor]:
 
 
 @pytest.fixture
-def coordinator(pool: ThreadPoolExecutor) -> Iterator[Callable[..., GrpcTransport]]:
-    """Builds coordinators on 127.0.0.1 with a free port; closes them before the sites' pool."""
+def coordinator(pool: ThreadPoolExecutor, pki) -> Iterator[Callable[..., GrpcTransport]]:
+    """Builds mutual-TLS coordinators on 127.0.0.1 with a free port; closes them before the
+    sites' pool."""
     made: list[GrpcTransport] = []
 
     def make(**kwargs: object) -> GrpcTransport:
-        kwargs = {"host": "127.0.0.1", "port": 0, "tokens": TOKENS, **kwargs}
+        kwargs = {"host": "127.0.0.1", "port": 0, "sites": SITES, "tls": pki[0], **kwargs}
         made.append(GrpcTransport(**kwargs))  # type: ignore[arg-type]
         return made[-1]
 
@@ -70,21 +75,23 @@ def coordinator(pool: ThreadPoolExecutor) -> Iterator[Callable[..., GrpcTranspor
         transport.close()
 
 
-def spawn(
-    pool: ThreadPoolExecutor,
-    transport: GrpcTransport,
-    site: str,
-    factory: SiteFactory,
-    **kwargs: object,
-) -> Future[None]:
-    """Run `serve_site` for `site` on a pool thread; its Future re-raises what it raised."""
-    kwargs = {"token": TOKENS[site], **kwargs}
-    return pool.submit(serve_site, f"127.0.0.1:{transport.port}", site, factory=factory, **kwargs)
+@pytest.fixture
+def spawn(pool: ThreadPoolExecutor, pki) -> Callable[..., Future[None]]:
+    """Runs `serve_site` for a site, with its own certificate, on a pool thread; its Future
+    re-raises what it raised."""
+
+    def start(transport: GrpcTransport, site: str, factory: SiteFactory,
+              **kwargs: object) -> Future[None]:
+        kwargs = {"tls": pki[1][site], **kwargs}
+        return pool.submit(serve_site, f"127.0.0.1:{transport.port}", site, factory=factory,
+                           **kwargs)
+
+    return start
 
 
-def test_round_trip_three_sites(coordinator, pool) -> None:
+def test_round_trip_three_sites(coordinator, spawn) -> None:
     transport = coordinator()
-    sites = [spawn(pool, transport, s, tagging_factory) for s in ("a", "b", "c")]
+    sites = [spawn(transport, s, tagging_factory) for s in ("a", "b", "c")]
 
     assert sorted(transport.start(["a", "b", "c"], b"setup")) == ["a", "b", "c"]
     for round_idx in (1, 2):
@@ -97,9 +104,9 @@ def test_round_trip_three_sites(coordinator, pool) -> None:
         assert site.result(timeout=LONG_S) is None  # DONE ends each site normally
 
 
-def test_payload_over_64_mb_is_chunked_and_byte_exact(coordinator, pool) -> None:
+def test_payload_over_64_mb_is_chunked_and_byte_exact(coordinator, spawn) -> None:
     transport = coordinator(chunk_bytes=1 << 20)
-    spawn(pool, transport, "a", lambda site, setup: lambda task: task[::-1], chunk_bytes=1 << 20)
+    spawn(transport, "a", lambda site, setup: lambda task: task[::-1], chunk_bytes=1 << 20)
     big = random.Random(0).randbytes(70 << 20)
     transport.start(["a"], b"")
 
@@ -108,7 +115,7 @@ def test_payload_over_64_mb_is_chunked_and_byte_exact(coordinator, pool) -> None
     assert replies["a"] == big[::-1]
 
 
-def test_late_site_is_absent_and_its_late_reply_is_discarded(coordinator, pool, caplog) -> None:
+def test_late_site_is_absent_and_its_late_reply_is_discarded(coordinator, spawn, caplog) -> None:
     release = threading.Event()
 
     def factory(site: str, setup: bytes) -> SiteHandler:
@@ -120,8 +127,8 @@ def test_late_site_is_absent_and_its_late_reply_is_discarded(coordinator, pool, 
         return handle
 
     transport = coordinator()
-    spawn(pool, transport, "a", factory)
-    spawn(pool, transport, "b", factory)
+    spawn(transport, "a", factory)
+    spawn(transport, "b", factory)
     transport.start(["a", "b"], b"")
 
     first = transport.exchange(1, {"a": b"one", "b": b"stall"}, deadline_s=1.0)
@@ -134,7 +141,7 @@ def test_late_site_is_absent_and_its_late_reply_is_discarded(coordinator, pool, 
     assert "discarded a REPLY from site b for round 1" in caplog.text
 
 
-def test_failing_handler_is_absent_and_site_keeps_serving(coordinator, pool, caplog) -> None:
+def test_failing_handler_is_absent_and_site_keeps_serving(coordinator, spawn, caplog) -> None:
     def factory(site: str, setup: bytes) -> SiteHandler:
         def handle(task: bytes) -> bytes:
             if task == b"boom":
@@ -144,7 +151,7 @@ def test_failing_handler_is_absent_and_site_keeps_serving(coordinator, pool, cap
         return handle
 
     transport = coordinator()
-    site = spawn(pool, transport, "a", factory)
+    site = spawn(transport, "a", factory)
     transport.start(["a"], b"")
 
     with caplog.at_level(logging.WARNING, logger="fedsky.transport"):
@@ -154,7 +161,7 @@ def test_failing_handler_is_absent_and_site_keeps_serving(coordinator, pool, cap
     assert not site.done()
 
 
-def test_site_that_drops_out_can_rejoin_and_gets_setup_again(coordinator, pool) -> None:
+def test_site_that_drops_out_can_rejoin_and_gets_setup_again(coordinator, spawn) -> None:
     def broken(site: str, setup: bytes) -> SiteHandler:
         raise RuntimeError("no GPU on this node")
 
@@ -166,120 +173,120 @@ def test_site_that_drops_out_can_rejoin_and_gets_setup_again(coordinator, pool) 
         return lambda task: task + b"!"
 
     transport = coordinator()
-    first = spawn(pool, transport, "a", broken)
+    first = spawn(transport, "a", broken)
     assert transport.start(["a"], b"setup") == ["a"]
     with pytest.raises(RuntimeError, match="no GPU"):
         first.result(timeout=LONG_S)
     # Returns once the coordinator has seen the site leave, so it may join again.
     assert transport.exchange(1, {"a": b"x"}, deadline_s=LONG_S) == {}
 
-    spawn(pool, transport, "a", working)
+    spawn(transport, "a", working)
     assert rejoined.wait(LONG_S)
     assert transport.exchange(2, {"a": b"x"}, deadline_s=LONG_S) == {"a": b"x!"}
 
 
-def test_wrong_token_and_unknown_site_are_refused(coordinator, caplog) -> None:
-    transport = coordinator(join_timeout_s=0.5)
+def test_plaintext_coordinator_refuses_a_wrong_token_and_an_unknown_site(coordinator,
+                                                                          caplog) -> None:
+    transport = coordinator(join_timeout_s=0.5, tls=None, tokens=TOKENS)
     address = f"127.0.0.1:{transport.port}"
 
     with caplog.at_level(logging.INFO, logger="fedsky.transport"):
         with pytest.raises(FedskyError, match="refused site 'a': wrong token"):
-            serve_site(address, "a", "stolen-guess", never_called)
+            serve_site(address, "a", never_called, token="stolen-guess")
         with pytest.raises(FedskyError, match="refused site 'mallory': unknown site"):
-            serve_site(address, "mallory", TOKENS["a"], never_called)
+            serve_site(address, "mallory", never_called, token=TOKENS["a"])
         assert transport.start(["a", "b"], b"") == []
 
+    assert "PLAINTEXT" in caplog.text  # the insecure mode is never silent
     assert "2 of 2 sites did not join" in caplog.text
     assert "stolen-guess" not in caplog.text and TOKENS["a"] not in caplog.text
 
 
-def test_second_connection_for_a_site_is_refused(coordinator, pool) -> None:
+def test_a_site_can_only_join_as_its_certificate_says(coordinator, pki, caplog,
+                                                      capfd) -> None:
+    server, site_files = pki
+    transport = coordinator(join_timeout_s=0.5)
+    address = f"127.0.0.1:{transport.port}"
+    as_coordinator = TlsFiles(server.ca, server.cert, server.key)
+
+    with caplog.at_level(logging.INFO, logger="fedsky.transport"):
+        with pytest.raises(FedskyError, match="certificate is for site 'a', not 'b'"):
+            serve_site(address, "b", never_called, tls=site_files["a"])
+        with pytest.raises(FedskyError, match="refused site 'mallory': unknown site"):
+            serve_site(address, "mallory", never_called, tls=site_files["mallory"])
+        # the coordinator's own certificate is for servers only: the TLS handshake refuses it
+        with pytest.raises(FedskyError, match="cannot reach coordinator"):
+            serve_site(address, "a", never_called, tls=as_coordinator, connect_retries=1)
+        assert transport.start(["a", "b"], b"") == []
+    # each refusal is logged with its reason (the handshake's by gRPC, on stderr)
+    assert "refused a connection from ipv4:127.0.0.1" in caplog.text
+    for reason in ("certificate is for site 'a', not 'b'", "unknown site 'mallory'"):
+        assert reason in caplog.text
+    assert "unsupported certificate purpose" in capfd.readouterr().err
+
+
+def test_a_revoked_certificate_is_refused_without_a_restart(coordinator, spawn, pki, tmp_path,
+                                                            caplog) -> None:
+    server, site_files = pki
+    revoked = tmp_path / "revoked.txt"
+    revoked.write_text("# nobody yet\n")
+    transport = coordinator(tls=TlsFiles(server.ca, server.cert, server.key, str(revoked)))
+    spawn(transport, "a", tagging_factory)
+    assert transport.start(["a"], b"") == ["a"]
+
+    serial = certs.peer_of(Path(site_files["b"].cert).read_bytes()).serial
+    revoked.write_text(f"{serial:x}  # b: laptop stolen\n")
+    with (caplog.at_level(logging.WARNING, logger="fedsky.transport"),
+          pytest.raises(FedskyError, match=f"site 'b' \\(serial {serial:x}\\) is revoked")):
+        serve_site(f"127.0.0.1:{transport.port}", "b", never_called, tls=site_files["b"])
+    assert f"(serial {serial:x}) is revoked" in caplog.text
+    # the others are unaffected
+    assert transport.exchange(1, {"a": b"x"}, deadline_s=LONG_S) == {
+        "a": expected_reply("a", b"", b"x")}
+
+
+def test_second_connection_for_a_site_is_refused(coordinator, spawn, pki) -> None:
     transport = coordinator()
-    spawn(pool, transport, "a", tagging_factory)
+    spawn(transport, "a", tagging_factory)
     assert transport.start(["a"], b"") == ["a"]
 
     with pytest.raises(FedskyError, match="refused site 'a': site 'a' is already connected"):
-        serve_site(f"127.0.0.1:{transport.port}", "a", TOKENS["a"], never_called)
+        serve_site(f"127.0.0.1:{transport.port}", "a", never_called, tls=pki[1]["a"])
     assert transport.exchange(1, {"a": b"still"}, deadline_s=LONG_S) == {
         "a": expected_reply("a", b"", b"still")
     }
 
 
-def test_port_in_use_is_a_clear_error(coordinator) -> None:
+def test_port_in_use_is_a_clear_error(coordinator, pki) -> None:
     first = coordinator()
     with pytest.raises(FedskyError, match=f"port {first.port} on 127.0.0.1 is already in use"):
-        GrpcTransport("127.0.0.1", first.port, TOKENS)
+        GrpcTransport("127.0.0.1", first.port, SITES, tls=pki[0])
 
 
-def test_unreachable_coordinator_gives_up_after_bounded_retries() -> None:
+def test_plaintext_coordinator_needs_tokens() -> None:
+    with pytest.raises(FedskyError, match="needs per-site tokens"):
+        GrpcTransport("127.0.0.1", 0, SITES)
+
+
+def test_unreachable_coordinator_gives_up_after_bounded_retries(pki) -> None:
     with socket.socket() as probe:  # a port nothing listens on once the probe is closed
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with pytest.raises(FedskyError, match=f"cannot reach coordinator at 127.0.0.1:{port} after 2"):
-        serve_site(f"127.0.0.1:{port}", "a", TOKENS["a"], never_called, connect_retries=2)
-
-
-@pytest.fixture
-def self_signed(tmp_path: Path) -> tuple[str, str]:
-    """A certificate for localhost / 127.0.0.1 that is its own CA; returns (cert, key) paths."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return str(cert_path), str(key_path)
-
-
-def test_round_trip_over_tls(coordinator, pool, self_signed) -> None:
-    cert, key = self_signed
-    transport = coordinator(tls_cert=cert, tls_key=key)
-    site = spawn(pool, transport, "a", tagging_factory, tls_ca=cert)
-    assert transport.start(["a"], b"tls") == ["a"]
-    assert transport.exchange(1, {"a": b"secret"}, deadline_s=LONG_S) == {
-        "a": expected_reply("a", b"tls", b"secret")
-    }
-
-    # The coordinator accepts TLS only: a plaintext site never gets through.
-    with pytest.raises(FedskyError, match="cannot reach coordinator"):
-        serve_site(f"127.0.0.1:{transport.port}", "b", TOKENS["b"], never_called,
-                   connect_retries=1)
-    transport.close()
-    assert site.result(timeout=LONG_S) is None
+        serve_site(f"127.0.0.1:{port}", "a", never_called, tls=pki[1]["a"], connect_retries=2)
 
 
 def reply_frames(payload: bytes, chunk_bytes: int) -> list[frames.Frame]:
-    return list(frames.to_frames(Message(Kind.REPLY, "a", 7, payload=payload), chunk_bytes))
+    return list(frames.to_frames(Message(Kind.REPLY, "a", 7, payload=payload, nonce=99),
+                                 chunk_bytes))
 
 
 def test_frames_round_trip_in_small_chunks() -> None:
     payload = bytes(range(10))
     chunks = reply_frames(payload, chunk_bytes=4)
     assert [len(f.data) for f in chunks] == [4, 4, 2]
-    assert frames.read_message(iter(chunks)) == Message(Kind.REPLY, "a", 7, payload=payload)
+    assert frames.read_message(iter(chunks)) == Message(Kind.REPLY, "a", 7, payload=payload,
+                                                        nonce=99)
     assert frames.read_message(iter([])) is None
 
 

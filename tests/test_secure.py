@@ -291,7 +291,7 @@ def test_secure_hybrid_over_grpc_processes_gives_the_in_process_result(
     assert proc.returncode == 0, proc.stderr
     in_process, _ = _run(tmp_path / "inproc", corpus_file, secure, rounds=2)
     over_grpc = load_checkpoint(tmp_path / "grpc" / "checkpoint.safetensors")[1]
-    assert _max_diff(over_grpc, in_process) < 1e-6
+    assert _max_diff(over_grpc, in_process) < 1e-5  # CKKS noise differs per encryption
     assert read_metrics(tmp_path / "grpc")[-1]["participants"] == ["a", "b", "c"]
 
 

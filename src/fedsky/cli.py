@@ -133,11 +133,14 @@ def coordinator(
     port: Annotated[int | None, typer.Option(help="Port to listen on")] = None,
     host: Annotated[str | None, typer.Option(help="Address to bind")] = None,
     tokens: Annotated[Path | None, typer.Option(
-        help="JSON file {site: secret}; default: new secrets written to OUTPUT_DIR/site-tokens.json"
+        help="JSON file {site: secret}, checked on join besides the certificate; with "
+        "transport.insecure and none given, new secrets go to OUTPUT_DIR/site-tokens.json"
     )] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue after the last checkpointed round in output_dir")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run the coordinator of a job over gRPC; sites join with `fedsky worker`."""
+    """Run the coordinator of a job over gRPC (mutual TLS); sites join with `fedsky worker`."""
     from fedsky.config import load_job
 
     overrides = list(set_ or []) + ["transport.kind=grpc"]
@@ -149,6 +152,7 @@ def coordinator(
     _setup_logging(verbose)
     from fedsky.runner import new_tokens, run_federated
 
+    site_tokens: dict[str, str] | None = None
     if tokens is not None:
         try:
             site_tokens = json.loads(tokens.read_text())
@@ -157,7 +161,7 @@ def coordinator(
         missing = [s.name for s in job.sites if s.name not in site_tokens]
         if missing:
             raise FedskyError(f"--tokens {tokens}: no secret for site(s) {', '.join(missing)}")
-    else:
+    elif job.transport.insecure:  # plaintext: a token is all a site has to prove who it is
         site_tokens = new_tokens(job)
         out = Path(job.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -166,20 +170,28 @@ def coordinator(
         path.chmod(0o600)
         print(f"site secrets written to {path} (mode 600): give each site only its own",
               file=sys.stderr)
-    _print_summary(run_federated(job, job_dir, "grpc", tokens=site_tokens))
+    _print_summary(run_federated(job, job_dir, "grpc", tokens=site_tokens, resume=resume,
+                                 external=True))
 
 
 @app.command()
 def worker(
     coordinator: Annotated[str, typer.Option("--coordinator", help="HOST:PORT")],
     site: Annotated[str, typer.Option("--site", help="This site's name in the job")],
+    tls_ca: Annotated[Path | None, typer.Option(
+        help="The project CA (PEM): the coordinator must present a certificate it issued")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        help="This site's certificate (PEM, from `fedsky certs site NAME`)")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="This site's private key (PEM)")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Plaintext, no TLS (the coordinator must run insecure too): "
+        "trusted networks only; needs the site's secret")] = False,
     token_file: Annotated[Path | None, typer.Option(
         help="File holding this site's secret (default: $FEDSKY_TOKEN)")] = None,
-    tls_ca: Annotated[Path | None, typer.Option(
-        help="CA certificate (PEM) to verify the coordinator; enables TLS")] = None,
     data: Annotated[str | None, typer.Option(
         help="This site's own data file, instead of the job's data for it")] = None,
-    retries: Annotated[int, typer.Option(help="Connection attempts before giving up")] = 5,
+    retries: Annotated[int, typer.Option(
+        help="Connection attempts (waits double up to 30 s) before giving up")] = 10,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run one site: dial the coordinator, train on local data each round, send updates.
@@ -197,19 +209,87 @@ def worker(
             raise FedskyError(f"--token-file: {err}") from None
     else:
         token = os.environ.get("FEDSKY_TOKEN", "")
-    if not token:
-        raise FedskyError("no site secret: set FEDSKY_TOKEN or pass --token-file")
+    from fedsky.certs import TlsFiles, peer_of
+
+    tls = None
+    if insecure:
+        if tls_ca or tls_cert or tls_key:
+            raise FedskyError("--insecure turns TLS off; drop it or the --tls-* files")
+        if not token:
+            raise FedskyError("--insecure: no site secret: set FEDSKY_TOKEN or pass --token-file")
+        logging.getLogger("fedsky").warning("--insecure: plaintext, updates cross the network "
+                                            "unencrypted")
+    elif tls_ca is None or tls_cert is None or tls_key is None:
+        raise FedskyError("no certificate: pass --tls-ca, --tls-cert and --tls-key (from "
+                          "`fedsky certs site NAME`), or --insecure for plaintext")
+    else:
+        try:
+            named = peer_of(tls_cert.read_bytes()).name
+        except (OSError, ValueError) as err:
+            raise FedskyError(f"--tls-cert {tls_cert}: not a readable certificate: {err}") from None
+        if named != site:
+            raise FedskyError(f"--tls-cert {tls_cert} is site {named!r}'s, not {site!r}'s")
+        tls = TlsFiles(str(tls_ca), str(tls_cert), str(tls_key))
     from fedsky.distributed import init_from_env, serve_site_group
     from fedsky.site import site_factory
     from fedsky.transport.grpc_worker import serve_site
 
     group = init_from_env()  # under torchrun: one rank of a multi-process site
     if group is not None:
-        serve_site_group(coordinator, site, token, data, group,
-                         tls_ca=str(tls_ca) if tls_ca else None, connect_retries=retries)
+        serve_site_group(coordinator, site, data, group, token=token, tls=tls,
+                         connect_retries=retries)
         return
-    serve_site(coordinator, site, token, site_factory(data),
-               tls_ca=str(tls_ca) if tls_ca else None, connect_retries=retries)
+    serve_site(coordinator, site, site_factory(data), token=token, tls=tls,
+               connect_retries=retries)
+
+
+certs_app = typer.Typer(no_args_is_help=True, help="Provision the project CA and certificates.")
+app.add_typer(certs_app, name="certs")
+CertsDir = Annotated[Path, typer.Option("--dir", help="The project's certificate directory")]
+
+
+@certs_app.command("init")
+def certs_init(directory: Annotated[Path, typer.Argument(help="Where to create the CA")],
+               project: Annotated[str, typer.Option(help="Name in the CA's subject")] = "fedsky",
+               ) -> None:
+    """Create a project CA (ca.pem, ca.key) and an empty revocation list."""
+    from fedsky.certs import init_ca
+
+    print(f"project CA: {init_ca(directory, project)} (keep {directory / 'ca.key'} offline)")
+
+
+@certs_app.command("site")
+def certs_site(name: Annotated[str, typer.Argument(help="The site's name in the job")],
+               directory: CertsDir = Path("pki")) -> None:
+    """Issue a site's client certificate: sites/NAME.pem and sites/NAME.key."""
+    from fedsky.certs import issue_site
+
+    cert = issue_site(directory, name)
+    print(f"{cert} and {cert.with_suffix('.key')}: give them, with {directory / 'ca.pem'}, "
+          f"to site {name} only")
+
+
+@certs_app.command("coordinator")
+def certs_coordinator(
+    host: Annotated[list[str], typer.Option(
+        "--host", help="A host name or IP address sites dial (repeat for several)")],
+    directory: CertsDir = Path("pki"),
+) -> None:
+    """Issue the coordinator's server certificate: coordinator.pem and coordinator.key."""
+    from fedsky.certs import issue_coordinator
+
+    print(f"{issue_coordinator(directory, host)}: valid for {', '.join(host)}")
+
+
+@certs_app.command("revoke")
+def certs_revoke(name: Annotated[str, typer.Argument(help="The site to shut out")],
+                 directory: CertsDir = Path("pki")) -> None:
+    """Add a site's certificate to revoked.txt; the coordinator refuses it from its next
+    connection on (set transport.revocation_list to that file)."""
+    from fedsky.certs import revoke
+
+    serial = revoke(directory, name)
+    print(f"revoked site {name} (serial {serial:x}) in {directory / 'revoked.txt'}")
 
 
 privacy_app = typer.Typer(no_args_is_help=True, help="Differential privacy tools.")

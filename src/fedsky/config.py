@@ -328,6 +328,10 @@ class CoordinatorConfig(Strict):
     sites_per_round: int | None = Field(None, gt=0)  # None: every site, every round
     round_deadline_s: float = Field(600.0, gt=0)
     join_timeout_s: float = Field(120.0, gt=0)  # gRPC: how long to wait for sites to connect
+    # gRPC: how long a round waits for a site that dropped after getting its task to rejoin
+    rejoin_wait_s: float = Field(30.0, ge=0)
+    # Reject an update whose L2 norm (over all its tensors) is above this; None: no bound
+    max_update_norm: float | None = Field(None, gt=0)
     cloud: Cloud | None = None  # where the coordinator runs: prices the downlink's egress
     egress_usd_per_gb: float | None = Field(None, ge=0)  # overrides the preset
 
@@ -337,16 +341,28 @@ class TransportConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)  # 0: pick a free port
     chunk_bytes: int = Field(1 << 20, ge=1024, le=1 << 22)
-    tls_cert: str | None = None  # coordinator certificate (PEM); with tls_key, enables TLS
+    # Mutual TLS (see `fedsky certs`): the coordinator's certificate and key, and the project
+    # CA that issued them and every site's certificate. None of them with `fedsky run`: a
+    # throwaway CA in OUTPUT_DIR/pki.
+    tls_cert: str | None = None
     tls_key: str | None = None
-    tls_ca: str | None = None  # what workers trust; defaults to tls_cert (self-signed)
+    tls_ca: str | None = None
+    revocation_list: str | None = None  # revoked serial numbers (fedsky certs revoke)
+    insecure: bool = False  # plaintext gRPC, sites known by token only: trusted networks only
+    keepalive_s: float = Field(30.0, ge=1)  # gRPC keepalive pings that detect dead peers
     # In-process only: delay each transfer by latency + bytes / bandwidth of the site's link.
     emulate_links: bool = False
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> TransportConfig:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("set both tls_cert and tls_key, or neither")
+    def _tls_files(self) -> TransportConfig:
+        given = [k for k in ("tls_cert", "tls_key", "tls_ca") if getattr(self, k) is not None]
+        if given and len(given) < 3:
+            raise ValueError("mutual TLS needs tls_cert, tls_key and tls_ca together; "
+                             f"only {', '.join(given)} set (make them with `fedsky certs`)")
+        if given and self.insecure:
+            raise ValueError("insecure = true turns TLS off; remove it or the tls_* files")
+        if self.revocation_list is not None and not given:
+            raise ValueError("revocation_list needs mutual TLS (tls_cert, tls_key, tls_ca)")
         return self
 
 
@@ -486,6 +502,9 @@ class JobConfig(Strict):
             _check_privacy(self)
         if self.secure is not None:
             check_secure(self)
+            if self.coordinator.max_update_norm is not None:
+                raise ValueError("coordinator.max_update_norm needs plaintext updates; with "
+                                 "[secure] the coordinator never sees one site's update")
         return self
 
 

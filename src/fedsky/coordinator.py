@@ -31,6 +31,7 @@ from fedsky.secure_site import routes
 from fedsky.site import link_seeds
 from fedsky.strategies import Params, SiteUpdate, Strategy
 from fedsky.transport.base import Transport
+from fedsky.validation import check_update, decode_update
 from fedsky.wire import unpack
 
 log = logging.getLogger("fedsky.coordinator")
@@ -65,20 +66,15 @@ def _float_or_nan(value: object) -> float:
 
 
 def decode_reply(blob: bytes, round_idx: int, site: str, global_params: Params,
-                 codec: Codec, bandwidth_mbps: float) -> SiteUpdate:
-    """Validate at the boundary: right round and site, same names and shapes, finite values."""
+                 codec: Codec, bandwidth_mbps: float,
+                 max_norm: float | None = None) -> SiteUpdate:
+    """Validate at the boundary: right round and site, then `validation.check_update`."""
     tensors, header = unpack(blob)
     if header.get("round") != round_idx or header.get("site") != site:
         raise FedskyError(f"reply from {site} is for round {header.get('round')} "
                           f"of site {header.get('site')}, expected round {round_idx}")
-    delta = codec.decode(tensors, header.get("codec", {}), global_params)
-    if delta.keys() != global_params.keys():
-        raise FedskyError(f"update from {site} has different tensor names")
-    for name, t in delta.items():
-        if t.shape != global_params[name].shape:
-            raise FedskyError(f"update from {site}: {name} has shape {tuple(t.shape)}")
-        if not torch.isfinite(t).all():
-            raise FedskyError(f"update from {site}: {name} has NaN or Inf values")
+    delta = decode_update(codec, tensors, header.get("codec", {}), global_params, site)
+    check_update(delta, global_params, site, max_norm)
     return SiteUpdate(
         site=site,
         delta=delta,
@@ -104,10 +100,11 @@ def gather_updates(job: JobConfig, transport: Transport, r: int, tasks: dict[str
         if site in replies:
             try:
                 updates.append(decode_reply(replies[site], r, site, global_params, codec,
-                                            bandwidth[site]))
+                                            bandwidth[site], job.coordinator.max_update_norm))
             except FedskyError as err:
                 rejected[site] = str(err)
                 log.warning("round %d: rejected update from %s: %s", r, site, err)
+                transport.reject(r, site, str(err))
     return updates, {
         "replies": replies,
         "dropped": [s for s in tasks if s not in replies] + sorted(rejected),

@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -86,8 +87,8 @@ def broadcast(group: Group, kind: int, blob: bytes = b"") -> tuple[int, bytes]:
     return kind, blob if group.leader else buf.cpu().numpy().tobytes()
 
 
-def serve_site_group(address: str, site: str, token: str, data_path: str | None, group: Group,
-                     *, tls_ca: str | None = None, connect_retries: int = 5) -> None:
+def serve_site_group(address: str, site: str, data_path: str | None, group: Group, *,
+                     token: str = "", tls: Any = None, connect_retries: int = 5) -> None:
     """Run one rank of a multi-process site until the coordinator is done."""
     from fedsky.site import handle_task, open_site, train_round
     from fedsky.transport.grpc_worker import serve_site
@@ -111,7 +112,7 @@ def serve_site_group(address: str, site: str, token: str, data_path: str | None,
             return handle
 
         try:
-            serve_site(address, site, token, factory, tls_ca=tls_ca,
+            serve_site(address, site, factory, token=token, tls=tls,
                        connect_retries=connect_retries)
         finally:
             broadcast(group, _STOP)

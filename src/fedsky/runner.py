@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fedsky.accounting import links
+from fedsky.certs import TlsFiles, throwaway_pki
 from fedsky.checkpoint import load_checkpoint, save_checkpoint
 from fedsky.codecs import make_codec
 from fedsky.config import JobConfig
@@ -122,31 +123,32 @@ def run_federated(
     transport_kind: str,
     tokens: dict[str, str] | None = None,
     resume: bool = False,
+    external: bool = False,
     factory: SiteFactory | None = None,
 ) -> dict[str, Any]:
-    """Federated training. With gRPC and no `tokens`, one worker process per site is started
-    on loopback; with `tokens` (`fedsky coordinator`) the sites are started by their owners.
-    With `resume`, continue after the last checkpointed round of `output_dir`. In process,
-    `factory` builds the sites (default: `fedsky.site.site_factory`; fault-injection tests
-    wrap it)."""
+    """Federated training. With gRPC, one worker process per site is started on loopback,
+    unless `external` (`fedsky coordinator`: the sites are started by their owners); `tokens`
+    are the sites' secrets, if any. With `resume`, continue after the last checkpointed round
+    of `output_dir`. In process, `factory` builds the sites (default:
+    `fedsky.site.site_factory`; fault-injection tests wrap it)."""
     started = time.perf_counter()
     sites = [s.name for s in job.sites]
-    site_tokens = tokens or new_tokens(job)
     # Bind first: a port in use fails in a second, not after the data is ready.
     if transport_kind == "grpc" and job.transport.emulate_links:
         raise FedskyError("transport.emulate_links is for the in-process transport; over gRPC "
                           "the links are real")
     emulated = links(job) if job.transport.emulate_links else None
-    transport: Transport = (grpc_transport(job, site_tokens) if transport_kind == "grpc"
+    security = grpc_security(job, tokens, external) if transport_kind == "grpc" else None
+    transport: Transport = (grpc_transport(job, security) if security is not None
                             else InProcessTransport(factory or site_factory(), emulated))
     procs: list[subprocess.Popen] = []
     runlog: RunLog | None = None
     try:
         p = prepare(job, job_dir)
         (p.out_dir / "config.json").write_text(job.model_dump_json(indent=2))
-        if transport_kind == "grpc" and tokens is None:
-            procs = spawn_workers(job, transport.port, site_tokens, p.out_dir)
-        elif transport_kind == "grpc":
+        if security is not None and not external:
+            procs = spawn_workers(job, transport.port, security, p.out_dir)
+        elif security is not None:
             log.info("coordinator listening on %s:%d; waiting for %d sites",
                      job.transport.host, transport.port, len(sites))
         strategy = private_strategy(job, make_strategy(job.strategy))
@@ -184,28 +186,73 @@ def new_tokens(job: JobConfig) -> dict[str, str]:
     return {s.name: secrets.token_urlsafe(24) for s in job.sites}
 
 
-def grpc_transport(job: JobConfig, tokens: dict[str, str]) -> Any:
+@dataclass
+class GrpcSecurity:
+    """How the coordinator and the workers it spawns (if any) know each other."""
+
+    server: TlsFiles | None  # None: plaintext (transport.insecure)
+    sites: dict[str, TlsFiles]  # each spawned worker's files
+    tokens: dict[str, str] | None
+
+
+def grpc_security(job: JobConfig, tokens: dict[str, str] | None = None,
+                  external: bool = False) -> GrpcSecurity:
+    """Mutual TLS from the job's files; for a loopback run without them, a throwaway CA in
+    OUTPUT_DIR/pki; plaintext with per-site tokens only if `transport.insecure` says so."""
+    t = job.transport
+    names = [s.name for s in job.sites]
+    if t.insecure:
+        log.warning("transport.insecure: plaintext gRPC; updates cross the network unencrypted "
+                    "and sites prove who they are by token only")
+        return GrpcSecurity(None, {}, tokens or new_tokens(job))
+    if t.tls_cert is not None and t.tls_key is not None and t.tls_ca is not None:
+        server = TlsFiles(t.tls_ca, t.tls_cert, t.tls_key, t.revocation_list)
+        # Spawned workers use the `fedsky certs` layout: sites/NAME.pem beside the CA.
+        issued = Path(t.tls_ca).parent / "sites"
+        sites = {n: TlsFiles(t.tls_ca, str(issued / f"{n}.pem"), str(issued / f"{n}.key"))
+                 for n in names}
+        return GrpcSecurity(server, sites, tokens)
+    if external:
+        raise FedskyError("the coordinator needs mutual TLS: set transport.tls_cert, tls_key "
+                          "and tls_ca (make them with `fedsky certs init` and `fedsky certs "
+                          "coordinator`), or transport.insecure = true on a trusted network")
+    pki = Path(job.output_dir) / "pki"
+    pki.mkdir(parents=True, exist_ok=True)
+    server, sites = throwaway_pki(pki, names, t.host)
+    log.info("mutual TLS with a throwaway CA in %s", pki)
+    return GrpcSecurity(server, sites, tokens)
+
+
+def grpc_transport(job: JobConfig, security: GrpcSecurity) -> Any:
     from fedsky.transport.grpc_coordinator import GrpcTransport
 
-    t = job.transport
-    return GrpcTransport(t.host, t.port, tokens, chunk_bytes=t.chunk_bytes,
-                         tls_cert=t.tls_cert, tls_key=t.tls_key,
-                         join_timeout_s=job.coordinator.join_timeout_s)
+    t, c = job.transport, job.coordinator
+    return GrpcTransport(t.host, t.port, [s.name for s in job.sites], tls=security.server,
+                         tokens=security.tokens, chunk_bytes=t.chunk_bytes,
+                         join_timeout_s=c.join_timeout_s, keepalive_s=t.keepalive_s,
+                         rejoin_wait_s=c.rejoin_wait_s)
 
 
-def spawn_workers(job: JobConfig, port: int, tokens: dict[str, str],
+def worker_cmd(address: str, site: str, tls: TlsFiles | None) -> list[str]:
+    """The `fedsky worker` command line for one site (its secret, if any, goes in the env)."""
+    cmd = [sys.executable, "-m", "fedsky", "worker", "--coordinator", address, "--site", site]
+    if tls is None:
+        return [*cmd, "--insecure"]
+    return [*cmd, "--tls-ca", tls.ca, "--tls-cert", tls.cert, "--tls-key", tls.key]
+
+
+def spawn_workers(job: JobConfig, port: int, security: GrpcSecurity,
                   out_dir: Path) -> list[subprocess.Popen]:
     """One `fedsky worker` process per site, dialing the coordinator on loopback."""
-    t = job.transport
     logs = out_dir / "logs"
     logs.mkdir(exist_ok=True)
     procs = []
     for site in job.sites:
-        cmd = [sys.executable, "-m", "fedsky", "worker", "--coordinator",
-               f"{t.host}:{port}", "--site", site.name]
-        if t.tls_cert:
-            cmd += ["--tls-ca", t.tls_ca or t.tls_cert]
-        env = {**os.environ, "FEDSKY_TOKEN": tokens[site.name]}  # not on argv: ps shows argv
+        cmd = worker_cmd(f"{job.transport.host}:{port}", site.name,
+                         security.sites.get(site.name))
+        env = dict(os.environ)
+        if security.tokens is not None:  # not on argv: ps shows argv
+            env["FEDSKY_TOKEN"] = security.tokens[site.name]
         with open(logs / f"site-{site.name}.log", "w") as out:
             procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT))
     return procs

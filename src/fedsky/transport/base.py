@@ -28,6 +28,10 @@ class Transport(Protocol):
         """
         ...
 
+    def reject(self, round_idx: int, site: str, reason: str) -> None:
+        """Tell `site` that its reply for `round_idx` was refused, and why (validation)."""
+        ...
+
     def close(self) -> None:
         """Tell every site the job is over and release resources."""
         ...

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64sky/transport/fedsky.proto\x12\x06\x66\x65\x64sky\"\xef\x01\n\x05\x46rame\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.fedsky.Frame.Kind\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\r\n\x05token\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0b\n\x03seq\x18\x06 \x01(\r\x12\x0c\n\x04last\x18\x07 \x01(\x08\x12\x0f\n\x07message\x18\x08 \x01(\t\"^\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05HELLO\x10\x01\x12\x0b\n\x07WELCOME\x10\x02\x12\x08\n\x04TASK\x10\x03\x12\t\n\x05REPLY\x10\x04\x12\x08\n\x04\x44ONE\x10\x05\x12\t\n\x05\x45RROR\x10\x06\x32\x36\n\nFederation\x12(\n\x04Join\x12\r.fedsky.Frame\x1a\r.fedsky.Frame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64sky/transport/fedsky.proto\x12\x06\x66\x65\x64sky\"\xa7\x02\n\x05\x46rame\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.fedsky.Frame.Kind\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\r\n\x05token\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0b\n\x03seq\x18\x06 \x01(\r\x12\x0c\n\x04last\x18\x07 \x01(\x08\x12\x0f\n\x07message\x18\x08 \x01(\t\x12\r\n\x05nonce\x18\t \x01(\x04\x12\r\n\x05\x63rc32\x18\n \x01(\r\x12\x0c\n\x04size\x18\x0b \x01(\x04\"j\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05HELLO\x10\x01\x12\x0b\n\x07WELCOME\x10\x02\x12\x08\n\x04TASK\x10\x03\x12\t\n\x05REPLY\x10\x04\x12\x08\n\x04\x44ONE\x10\x05\x12\t\n\x05\x45RROR\x10\x06\x12\n\n\x06REJECT\x10\x07\x32\x36\n\nFederation\x12(\n\x04Join\x12\r.fedsky.Frame\x1a\r.fedsky.Frame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedsky.transport.fedsky_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FRAME']._serialized_start=42
-  _globals['_FRAME']._serialized_end=281
-  _globals['_FRAME_KIND']._serialized_start=187
-  _globals['_FRAME_KIND']._serialized_end=281
-  _globals['_FEDERATION']._serialized_start=283
-  _globals['_FEDERATION']._serialized_end=337
+  _globals['_FRAME']._serialized_end=337
+  _globals['_FRAME_KIND']._serialized_start=231
+  _globals['_FRAME_KIND']._serialized_end=337
+  _globals['_FEDERATION']._serialized_start=339
+  _globals['_FEDERATION']._serialized_end=393
 # @@protoc_insertion_point(module_scope)

@@ -6,7 +6,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Frame(_message.Message):
-    __slots__ = ("kind", "site", "round", "token", "data", "seq", "last", "message")
+    __slots__ = ("kind", "site", "round", "token", "data", "seq", "last", "message", "nonce", "crc32", "size")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Frame.Kind]
@@ -16,6 +16,7 @@ class Frame(_message.Message):
         REPLY: _ClassVar[Frame.Kind]
         DONE: _ClassVar[Frame.Kind]
         ERROR: _ClassVar[Frame.Kind]
+        REJECT: _ClassVar[Frame.Kind]
     KIND_UNSPECIFIED: Frame.Kind
     HELLO: Frame.Kind
     WELCOME: Frame.Kind
@@ -23,6 +24,7 @@ class Frame(_message.Message):
     REPLY: Frame.Kind
     DONE: Frame.Kind
     ERROR: Frame.Kind
+    REJECT: Frame.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +33,9 @@ class Frame(_message.Message):
     SEQ_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
     kind: Frame.Kind
     site: str
     round: int
@@ -39,4 +44,7 @@ class Frame(_message.Message):
     seq: int
     last: bool
     message: str
-    def __init__(self, kind: _Optional[_Union[Frame.Kind, str]] = ..., site: _Optional[str] = ..., round: _Optional[int] = ..., token: _Optional[str] = ..., data: _Optional[bytes] = ..., seq: _Optional[int] = ..., last: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    nonce: int
+    crc32: int
+    size: int
+    def __init__(self, kind: _Optional[_Union[Frame.Kind, str]] = ..., site: _Optional[str] = ..., round: _Optional[int] = ..., token: _Optional[str] = ..., data: _Optional[bytes] = ..., seq: _Optional[int] = ..., last: _Optional[bool] = ..., message: _Optional[str] = ..., nonce: _Optional[int] = ..., crc32: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...

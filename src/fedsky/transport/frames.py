@@ -3,13 +3,17 @@
 A message (HELLO, WELCOME, TASK, REPLY, DONE, ERROR) travels as one or more Frames. Payloads
 are cut into chunks of at most `chunk_bytes` so that no single gRPC message is large: gRPC
 refuses messages over 4 MiB by default and protobuf cannot encode one over 2 GiB, while a model
-update can be many GiB. Everything that arrives is checked, because it comes from the network.
+update can be many GiB. Every chunk carries a CRC-32 of its data and the payload's total size,
+so a corrupted or truncated chunk is caught at the frame it arrives in, end to end (TLS protects
+the wire, not the buffers on either side of it). Everything that arrives is checked, because it
+comes from the network.
 """
 
 from __future__ import annotations
 
 import enum
 import queue
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,6 +35,7 @@ class Kind(enum.IntEnum):
     REPLY = Frame.REPLY
     DONE = Frame.DONE
     ERROR = Frame.ERROR
+    REJECT = Frame.REJECT
 
 
 # Only these kinds carry a payload; the others are one frame with no data, so a peer that has
@@ -47,7 +52,8 @@ class Message:
     round_idx: int = 0
     token: str = ""  # HELLO only
     payload: bytes = b""  # WELCOME, TASK, REPLY
-    message: str = ""  # ERROR only
+    message: str = ""  # ERROR and REJECT
+    nonce: int = 0  # TASK: fresh per task; the REPLY or ERROR to it carries the same
 
 
 def max_frame_bytes(chunk_bytes: int) -> int:
@@ -71,12 +77,15 @@ def to_frames(msg: Message, chunk_bytes: int) -> Iterator[Frame]:
         round=msg.round_idx,
         token=msg.token,
         message=msg.message[:MAX_TEXT_CHARS],
+        nonce=msg.nonce,
+        size=len(msg.payload),
     )
     payload = memoryview(msg.payload)
     n_chunks = max(1, -(-len(payload) // chunk_bytes))  # an empty payload is still one frame
     for seq in range(n_chunks):
-        chunk = payload[seq * chunk_bytes : (seq + 1) * chunk_bytes]
-        yield Frame(data=bytes(chunk), seq=seq, last=seq == n_chunks - 1, **header)
+        chunk = bytes(payload[seq * chunk_bytes : (seq + 1) * chunk_bytes])
+        yield Frame(data=chunk, seq=seq, last=seq == n_chunks - 1, crc32=zlib.crc32(chunk),
+                    **header)
 
 
 def read_message(frames: Iterator[Frame], max_bytes: int = MAX_PAYLOAD_BYTES) -> Message | None:
@@ -90,8 +99,9 @@ def read_message(frames: Iterator[Frame], max_bytes: int = MAX_PAYLOAD_BYTES) ->
         The message, or None when the stream ended cleanly between messages.
 
     Raises:
-        FedskyError: A chunk is missing, repeated, out of order or of another message, the
-            payload is over `max_bytes`, the kind is unknown, or the stream stopped mid-message.
+        FedskyError: A chunk is missing, repeated, out of order, of another message, corrupted
+            (CRC-32) or truncated (total size), the payload is over `max_bytes`, the kind is
+            unknown, or the stream stopped mid-message.
     """
     first = next(frames, None)
     if first is None:
@@ -107,19 +117,30 @@ def read_message(frames: Iterator[Frame], max_bytes: int = MAX_PAYLOAD_BYTES) ->
                 f"{kind.name} from {first.site!r}: {problem} chunk {frame.seq} "
                 f"(expected chunk {len(chunks)})"
             )
-        if (frame.kind, frame.round, frame.site) != (first.kind, first.round, first.site):
+        if (frame.kind, frame.round, frame.site, frame.nonce, frame.size) != (
+            first.kind, first.round, first.site, first.nonce, first.size
+        ):
             raise FedskyError(
                 f"{kind.name} from {first.site!r}: chunk {frame.seq} belongs to another message"
             )
         if frame.data and kind not in _PAYLOAD_KINDS:
             raise FedskyError(f"{kind.name} from {first.site!r} carries data; it must not")
+        if zlib.crc32(frame.data) != frame.crc32:
+            raise FedskyError(f"{kind.name} from {first.site!r}: chunk {frame.seq} is corrupted "
+                              "(CRC-32 mismatch)")
         size += len(frame.data)
-        if size > max_bytes:
+        if first.size > max_bytes or size > max_bytes:
             raise FedskyError(
                 f"{kind.name} from {first.site!r} is over the {max_bytes}-byte payload limit"
             )
+        if size > first.size:
+            raise FedskyError(f"{kind.name} from {first.site!r}: chunk {frame.seq} goes past "
+                              f"the declared {first.size} bytes")
         chunks.append(frame.data)
         if frame.last:
+            if size != first.size:
+                raise FedskyError(f"{kind.name} from {first.site!r} is truncated: {size} of "
+                                  f"{first.size} bytes")
             break
         if kind not in _PAYLOAD_KINDS:
             raise FedskyError(f"{kind.name} from {first.site!r} must be a single frame")
@@ -133,6 +154,7 @@ def read_message(frames: Iterator[Frame], max_bytes: int = MAX_PAYLOAD_BYTES) ->
         token=first.token,
         payload=b"".join(chunks),
         message=first.message[:MAX_TEXT_CHARS],
+        nonce=first.nonce,
     )
 
 

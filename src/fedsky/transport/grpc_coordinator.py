@@ -3,27 +3,34 @@
 Threads and queues, no asyncio. grpcio's sync server runs each site's Join stream on a pool
 thread that sends whatever is put in that site's outbox; a reader thread per stream turns the
 site's frames into arrivals on one shared inbox, which `exchange` drains until the deadline.
-A reply is matched to its round by the round number it carries, so one that comes in after
-its round is over is recognised and dropped.
+A reply is matched to its task by the round number and the task's nonce it carries: one that
+comes in after its round is over is dropped, one with the right round but another nonce (a
+replay, e.g. of a reply to the same round before the coordinator restarted) is rejected.
+
+Who a site is comes from its TLS client certificate, issued by the project CA (`fedsky.certs`):
+the certificate's common name must be a site of the job, must not be revoked, and is the only
+name the site may use. Plaintext (no TLS) falls back to per-site secret tokens.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NoReturn
 
 import grpc
 
+from fedsky import certs
+from fedsky.certs import Peer, TlsFiles
 from fedsky.errors import FedskyError
-from fedsky.transport import fedsky_pb2_grpc, frames
+from fedsky.transport import channel, fedsky_pb2_grpc, frames
 from fedsky.transport.frames import Kind, Message
 
 log = logging.getLogger("fedsky.transport")
@@ -44,10 +51,12 @@ class _Session:
 
 @dataclass(frozen=True)
 class _Arrival:
-    """A message from a site's stream, or `msg=None` when that stream ended."""
+    """A message from a site's stream; `msg=None` when that stream ended, or, with `joined`,
+    when the session was just admitted (a restarted site may take the current round's task)."""
 
     session: _Session
     msg: Message | None
+    joined: bool = False
 
 
 class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
@@ -56,51 +65,69 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
     Args:
         host: Address to listen on ("0.0.0.0" for every interface).
         port: Port to listen on; 0 picks a free one (read it back from `.port`).
-        tokens: Each site's name and shared secret; no other site may join.
+        sites: The job's site names; no other site may join.
+        tls: The project CA, the coordinator's certificate and key, and the revocation list:
+            mutual TLS, each site identified by its certificate. None: plaintext (tokens only),
+            for a trusted network; it is logged as a warning.
+        tokens: Each site's shared secret, checked on join (required in plaintext; with TLS an
+            optional second factor).
         chunk_bytes: Largest piece of a payload in one gRPC message.
-        tls_cert: PEM certificate file; with `tls_key`, sites must connect over TLS.
-        tls_key: PEM private key file for `tls_cert`.
         join_timeout_s: How long `start` waits for the sites to join.
+        keepalive_s: Interval of HTTP/2 keepalive pings that detect dead sites.
+        rejoin_wait_s: How long a round waits for a site that disconnected after getting its
+            task to come back (it then gets the task again), within the round's deadline.
 
     Raises:
-        FedskyError: The port is taken, or the TLS files are missing or half given.
+        FedskyError: The port is taken, a TLS file is unreadable, or plaintext without tokens.
     """
 
     def __init__(
         self,
         host: str,
         port: int,
-        tokens: dict[str, str],
+        sites: Sequence[str],
+        *,
+        tls: TlsFiles | None = None,
+        tokens: Mapping[str, str] | None = None,
         chunk_bytes: int = 1 << 20,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
         join_timeout_s: float = 120.0,
+        keepalive_s: float = 30.0,
+        rejoin_wait_s: float = 30.0,
     ) -> None:
-        self._tokens = dict(tokens)
+        if tls is None and tokens is None:
+            raise FedskyError("a plaintext coordinator needs per-site tokens to tell sites apart")
+        self._sites = frozenset(sites)
+        self._tls = tls
+        self._tokens = dict(tokens) if tokens is not None else None
+        if tls is not None:
+            certs.read_revoked(tls.revoked)  # fail now, not at the first site, on a bad list
         self._chunk_bytes = chunk_bytes
         self._join_timeout_s = join_timeout_s
+        self._rejoin_wait_s = rejoin_wait_s
         self._lock = threading.Condition()  # guards _sessions and _setup; notified on join/leave
         self._sessions: dict[str, _Session] = {}
         self._setup: bytes | None = None  # None until start(): joiners wait for their WELCOME
         self._inbox: queue.Queue[_Arrival] = queue.Queue()
-        limit = frames.max_frame_bytes(chunk_bytes)
         # Each open stream holds a pool thread for its whole life.
-        self._pool = ThreadPoolExecutor(len(tokens) + _SPARE_STREAMS, "fedsky-join")
+        self._pool = ThreadPoolExecutor(len(self._sites) + _SPARE_STREAMS, "fedsky-join")
         self._server = grpc.server(
             self._pool,
             options=[
                 # Without this, Linux lets a second server bind the same port and the kernel
                 # splits the sites between the two coordinators.
                 ("grpc.so_reuseport", 0),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
+                *channel.options(chunk_bytes, keepalive_s, server=True),
             ],
         )
         fedsky_pb2_grpc.add_FederationServicer_to_server(self, self._server)
-        self.port = _bind(self._server, host, port, tls_cert, tls_key)
+        self.port = _bind(self._server, host, port, tls)
         self._server.start()
-        log.info("coordinator listening on %s:%d (%s)", host, self.port,
-                 "TLS" if tls_cert else "plaintext, no TLS")
+        if tls is None:
+            log.warning("coordinator listening on %s:%d in PLAINTEXT (insecure): updates and "
+                        "tokens cross the network unencrypted and sites are known by token only",
+                        host, self.port)
+        else:
+            log.info("coordinator listening on %s:%d (mutual TLS)", host, self.port)
 
     def start(self, sites: Sequence[str], setup: bytes) -> list[str]:
         """Hand `setup` to every joined site and wait up to `join_timeout_s` for the rest.
@@ -119,51 +146,104 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
         if missing:
             log.warning("%d of %d sites did not join within %gs: %s", len(missing),
                         len(sites), self._join_timeout_s, ", ".join(missing))
-        unknown = [s for s in missing if s not in self._tokens]
+        unknown = [s for s in missing if s not in self._sites]
         if unknown:
-            log.warning("no token configured for %s, so they can never join", ", ".join(unknown))
+            log.warning("%s are not sites of this job, so they can never join", ", ".join(unknown))
         return joined
 
     def exchange(
         self, round_idx: int, tasks: Mapping[str, bytes], deadline_s: float
     ) -> dict[str, bytes]:
-        """Send each connected site its task; gather this round's replies until `deadline_s`."""
+        """Send each connected site its task; gather this round's replies until `deadline_s`.
+
+        A site that (re)joins during the round, e.g. one restarted after a crash, gets its task
+        then; one that disconnects after getting it is waited for `rejoin_wait_s`.
+        """
         deadline = time.monotonic() + deadline_s
-        waiting: dict[str, _Session] = {}
+        waiting: dict[str, _Session | None] = {}  # None: disconnected, may still rejoin
+        rejoin_by: dict[str, float] = {}  # when a disconnected site stops being waited for
+        nonces: dict[str, int] = {}
+        settled: set[str] = set()  # replied, failed or rejected: done for this round
         with self._lock:
             for site, task in tasks.items():
                 session = self._sessions.get(site)
                 if session is None:
-                    log.warning("round %d: site %s is not connected; skipped", round_idx, site)
+                    log.warning("round %d: site %s is not connected; it gets its task if it "
+                                "joins before the round ends", round_idx, site)
                     continue
-                session.outbox.put(Message(Kind.TASK, site, round_idx, payload=task))
+                nonces[site] = _send_task(session, round_idx, task)
                 waiting[site] = session
 
         replies: dict[str, bytes] = {}
         while waiting:
-            try:
-                arrival = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
+            now = time.monotonic()
+            for site in [s for s, t in rejoin_by.items() if t <= now]:
+                log.warning("round %d: site %s did not come back; the round goes on without it",
+                            round_idx, site)
+                del waiting[site], rejoin_by[site]
+            if not waiting or now >= deadline:
                 break
-            site, msg = arrival.session.site, arrival.msg
-            current = waiting.get(site) is arrival.session
-            if msg is None:
+            try:
+                arrival = self._inbox.get(timeout=min([deadline, *rejoin_by.values()]) - now)
+            except queue.Empty:
+                continue
+            session, msg = arrival.session, arrival.msg
+            site = session.site
+            current = waiting.get(site) is session
+            if arrival.joined:
+                if site in tasks and site not in settled and not current:
+                    with self._lock:
+                        if self._sessions.get(site) is session:
+                            log.info("round %d: site %s (re)joined; sending it this round's "
+                                     "task", round_idx, site)
+                            nonces[site] = _send_task(session, round_idx, tasks[site])
+                            waiting[site] = session
+                            rejoin_by.pop(site, None)
+            elif msg is None:
                 if current:
-                    log.warning("round %d: site %s disconnected before replying", round_idx, site)
-                    del waiting[site]
+                    log.warning("round %d: site %s disconnected before replying; waiting up to "
+                                "%gs for it to rejoin", round_idx, site, self._rejoin_wait_s)
+                    waiting[site] = None
+                    rejoin_by[site] = min(deadline, now + self._rejoin_wait_s)
             elif msg.round_idx != round_idx or not current:
                 log.info("round %d: discarded a %s from site %s for round %d (too late)",
                          round_idx, msg.kind.name, site, msg.round_idx)
+                if msg.kind is Kind.REPLY:
+                    session.outbox.put(Message(Kind.REJECT, site, msg.round_idx, message=(
+                        f"arrived during round {round_idx}, too late to count")))
+            elif msg.nonce != nonces[site]:
+                self._reject(session, round_idx, "replayed reply: it answers another task of "
+                             f"round {round_idx} (nonce mismatch)")
+                settled.add(site)
+                del waiting[site]
             elif msg.kind is Kind.ERROR:
                 log.warning("round %d: site %s failed: %s", round_idx, site, msg.message)
+                settled.add(site)
                 del waiting[site]
             else:
                 replies[site] = msg.payload
+                settled.add(site)
                 del waiting[site]
         if waiting:
             log.warning("round %d: no reply within %.1fs from %s", round_idx, deadline_s,
                         ", ".join(sorted(waiting)))
         return replies
+
+    def wait_connected(self, site: str, timeout_s: float) -> bool:
+        """Whether `site` is connected, waiting up to `timeout_s` for it to (re)join."""
+        with self._lock:
+            return self._lock.wait_for(lambda: site in self._sessions, timeout=timeout_s)
+
+    def reject(self, round_idx: int, site: str, reason: str) -> None:
+        """Tell `site` its reply for `round_idx` was refused, and why (it keeps serving)."""
+        with self._lock:
+            session = self._sessions.get(site)
+        if session is not None:
+            session.outbox.put(Message(Kind.REJECT, site, round_idx, message=reason))
+
+    def _reject(self, session: _Session, round_idx: int, reason: str) -> None:
+        log.warning("round %d: rejected the reply of site %s: %s", round_idx, session.site, reason)
+        session.outbox.put(Message(Kind.REJECT, session.site, round_idx, message=reason))
 
     def close(self) -> None:
         """Send DONE to every connected site, then stop listening."""
@@ -179,6 +259,7 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
         self, request_iterator: Iterator[frames.Frame], context: grpc.ServicerContext
     ) -> Iterator[frames.Frame]:
         """One site's stream; grpcio runs it on a pool thread and sends what it yields."""
+        peer = self._identify(context)
         try:
             # max_bytes=0: nothing is buffered for a peer that has not authenticated.
             hello = frames.read_message(request_iterator, max_bytes=0)
@@ -188,7 +269,7 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
             return  # the peer left before saying hello
         if hello is None:
             return
-        session = self._admit(hello, context)
+        session = self._admit(hello, peer, context)
         threading.Thread(
             target=self._read, args=(session, request_iterator),
             name=f"fedsky-read-{session.site}", daemon=True,
@@ -197,16 +278,41 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
         if session.failure is not None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, session.failure)
 
-    def _admit(self, hello: Message, context: grpc.ServicerContext) -> _Session:
+    def _identify(self, context: grpc.ServicerContext) -> Peer | None:
+        """The site named by the verified client certificate (None in plaintext); refuses
+        revoked certificates and certificates that are not site certificates."""
+        if self._tls is None:
+            return None
+        pem = context.auth_context().get("x509_pem_cert")
+        if not pem:  # grpcio verified the chain; without a certificate it never gets here
+            _refuse(context, grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+        peer = certs.peer_of(pem[0])
+        if not peer.client_auth:
+            _refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                    f"certificate {peer.name!r} is not a site certificate (no clientAuth)")
+        try:
+            revoked = certs.read_revoked(self._tls.revoked)  # reread: revocation needs no restart
+        except FedskyError as err:  # fail closed: a broken list must not readmit anyone
+            _refuse(context, grpc.StatusCode.UNAVAILABLE, str(err))
+        if peer.serial in revoked:
+            _refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                    f"the certificate of site {peer.name!r} (serial {peer.serial:x}) is revoked")
+        return peer
+
+    def _admit(self, hello: Message, peer: Peer | None, context: grpc.ServicerContext) -> _Session:
         """Register the site that said `hello`, or abort its stream with the reason."""
-        expected = self._tokens.get(hello.site)
         if hello.kind is not Kind.HELLO:
             _refuse(context, grpc.StatusCode.UNAUTHENTICATED, "the first message must be HELLO")
-        if expected is None:
+        if hello.site not in self._sites:
             _refuse(context, grpc.StatusCode.UNAUTHENTICATED, f"unknown site {hello.site!r}")
-        if not hmac.compare_digest(hello.token.encode(), expected.encode()):
-            _refuse(context, grpc.StatusCode.UNAUTHENTICATED,
-                    f"wrong token for site {hello.site!r}")
+        if peer is not None and peer.name != hello.site:
+            _refuse(context, grpc.StatusCode.PERMISSION_DENIED,
+                    f"certificate is for site {peer.name!r}, not {hello.site!r}")
+        if self._tokens is not None:
+            expected = self._tokens.get(hello.site, "")
+            if not expected or not hmac.compare_digest(hello.token.encode(), expected.encode()):
+                _refuse(context, grpc.StatusCode.UNAUTHENTICATED,
+                        f"wrong token for site {hello.site!r}")
         with self._lock:
             taken = hello.site in self._sessions
             if not taken:
@@ -219,6 +325,7 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
             _refuse(context, grpc.StatusCode.ALREADY_EXISTS,
                     f"site {hello.site!r} is already connected")
         log.info("site %s joined from %s", hello.site, context.peer())
+        self._inbox.put(_Arrival(session, None, joined=True))
         return session
 
     def _read(self, session: _Session, request_iterator: Iterator[frames.Frame]) -> None:
@@ -227,6 +334,9 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
             for msg in frames.messages(request_iterator):
                 if msg.kind not in (Kind.REPLY, Kind.ERROR):
                     raise FedskyError(f"got {msg.kind.name}; only REPLY or ERROR follow HELLO")
+                if msg.site != session.site:  # a site speaks only as itself
+                    raise FedskyError(f"a {msg.kind.name} for site {msg.site!r} on the stream "
+                                      f"of site {session.site!r}")
                 self._inbox.put(_Arrival(session, msg))
         except FedskyError as err:
             log.warning("site %s sent a malformed stream; disconnecting it: %s", session.site, err)
@@ -242,6 +352,13 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
         session.outbox.put(None)  # lets the Join stream finish and free its pool thread
 
 
+def _send_task(session: _Session, round_idx: int, task: bytes) -> int:
+    """Queue a task with a fresh nonce (from the OS CSPRNG); return the nonce."""
+    nonce = int.from_bytes(os.urandom(8), "little") or 1  # 0 is what an unset field reads as
+    session.outbox.put(Message(Kind.TASK, session.site, round_idx, payload=task, nonce=nonce))
+    return nonce
+
+
 def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, reason: str) -> NoReturn:
     """Log why a connection is refused (never its token) and end it with that status."""
     log.warning("refused a connection from %s: %s", context.peer(), reason)
@@ -249,14 +366,10 @@ def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, reason: str) -
     raise AssertionError("unreachable: context.abort raises")
 
 
-def _bind(server: grpc.Server, host: str, port: int, cert: str | None, key: str | None) -> int:
-    """Add the listening port (TLS when a certificate is given); return the bound port."""
-    if (cert is None) != (key is None):
-        raise FedskyError("set both tls_cert and tls_key, or neither")
+def _bind(server: grpc.Server, host: str, port: int, tls: TlsFiles | None) -> int:
+    """Add the listening port (mutual TLS unless `tls` is None); return the bound port."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    credentials = None
-    if cert is not None and key is not None:
-        credentials = grpc.ssl_server_credentials([(_read_pem(key), _read_pem(cert))])
+    credentials = None if tls is None else channel.server_credentials(tls)
     try:
         if credentials is None:
             return server.add_insecure_port(address)
@@ -266,10 +379,3 @@ def _bind(server: grpc.Server, host: str, port: int, cert: str | None, key: str 
             f"port {port} on {host} is already in use (or {host} is not an address of this "
             "machine); stop what holds it or choose another port (0 picks a free one)"
         ) from None
-
-
-def _read_pem(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as err:
-        raise FedskyError(f"cannot read TLS file {path}: {err.strerror}") from None

@@ -1,8 +1,12 @@
 """Site side of the gRPC transport: dial the coordinator and answer its tasks until DONE.
 
 The site always dials out, so it needs no open inbound port: it works from behind NAT and
-cloud firewalls. The handler runs on the calling thread; grpcio sends the replies from its own
-thread by pulling them out of a queue.
+cloud firewalls. It proves who it is with its TLS client certificate (`fedsky certs site`).
+A lost connection (the coordinator restarted, the network dropped, keepalives found the peer
+dead) is not the end: the site reconnects with exponential backoff and jitter and joins again;
+if the coordinator's setup is unchanged it keeps its state (error feedback, optimizer), and it
+takes the current round's task if that round is still open. The handler runs on the calling
+thread; grpcio sends the replies from its own thread by pulling them out of a queue.
 """
 
 from __future__ import annotations
@@ -10,110 +14,162 @@ from __future__ import annotations
 import logging
 import queue
 import random
-from pathlib import Path
+import time
+from dataclasses import dataclass
 
 import grpc
 
+from fedsky.certs import TlsFiles
 from fedsky.errors import FedskyError
+from fedsky.transport import channel as grpc_channel
 from fedsky.transport import fedsky_pb2_grpc, frames
 from fedsky.transport.base import SiteFactory, SiteHandler
 from fedsky.transport.frames import Kind, Message
 
 log = logging.getLogger("fedsky.transport")
 
-_FIRST_WAIT_S = 0.5  # the first attempt's wait; it doubles after each failure (5 tries: ~15 s)
-_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.ALREADY_EXISTS)
+_FIRST_WAIT_S = 0.5  # the first attempt's wait; it doubles after each failure
+_MAX_WAIT_S = 30.0  # ... up to this (10 tries: about 2.5 minutes in all)
+_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+             grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+@dataclass
+class _Held:
+    """What survives a reconnect: the setup this site was built from, and its handler."""
+
+    setup: bytes | None = None
+    handler: SiteHandler | None = None
 
 
 def serve_site(
     address: str,
     site: str,
-    token: str,
     factory: SiteFactory,
     *,
-    tls_ca: str | None = None,
+    token: str = "",
+    tls: TlsFiles | None = None,
     connect_retries: int = 5,
     chunk_bytes: int = 1 << 20,
+    keepalive_s: float = 30.0,
 ) -> None:
     """Join the federation at `address` as `site` and serve tasks until the coordinator is done.
 
     Args:
         address: The coordinator's "host:port".
-        site: This site's name, as the coordinator knows it.
-        token: This site's shared secret.
+        site: This site's name, as the coordinator knows it (and as its certificate says).
         factory: Builds the task handler from the setup payload, once joined.
-        tls_ca: PEM file of the CA (or self-signed certificate) to trust; None for plaintext.
-        connect_retries: How many times to try reaching the coordinator before giving up.
+        token: This site's shared secret, if the coordinator checks one (always in plaintext).
+        tls: The project CA and this site's certificate and key; None for plaintext.
+        connect_retries: Attempts to reach the coordinator, and lost connections in a row
+            (without rejoining in between), before giving up.
         chunk_bytes: Largest piece of a reply in one gRPC message.
+        keepalive_s: Interval of keepalive pings that detect a dead coordinator.
 
     Raises:
-        FedskyError: The coordinator is unreachable, refuses this site, or drops the
-            connection before saying DONE.
+        FedskyError: The coordinator is unreachable, refuses this site, or keeps dropping it.
     """
-    channel = _connect(address, tls_ca, connect_retries, chunk_bytes)
+    held = _Held()
+    lost = 0
+    while True:
+        channel = _connect(address, tls, connect_retries, chunk_bytes, keepalive_s)
+        try:
+            done, welcomed = _serve_once(channel, address, site, token, factory, held,
+                                         chunk_bytes)
+        finally:
+            channel.close()
+        if done:
+            return
+        lost = 0 if welcomed else lost + 1
+        if lost >= connect_retries:
+            raise FedskyError(f"the coordinator at {address} dropped site {site!r} {lost} times "
+                              "in a row before welcoming it; giving up")
+        wait_s = _backoff(lost)
+        log.warning("site %s: reconnecting to %s in %.1fs", site, address, wait_s)
+        time.sleep(wait_s)
+
+
+def _serve_once(channel: grpc.Channel, address: str, site: str, token: str,
+                factory: SiteFactory, held: _Held, chunk_bytes: int) -> tuple[bool, bool]:
+    """One session on a ready channel; returns (the coordinator said DONE, it welcomed us)."""
     outbox: queue.Queue[Message | None] = queue.Queue()
     outbox.put(Message(Kind.HELLO, site=site, token=token))
     responses = fedsky_pb2_grpc.FederationStub(channel).Join(frames.stream(outbox, chunk_bytes))
+    welcomed = False
     try:
         incoming = frames.messages(responses)
         welcome = next(incoming, None)
-        if welcome is None or welcome.kind is not Kind.WELCOME:
+        if welcome is None:
+            log.warning("site %s: the coordinator at %s closed the stream before welcoming it",
+                        site, address)
+            return False, False
+        if welcome.kind is not Kind.WELCOME:
             raise FedskyError(f"coordinator at {address} did not welcome site {site!r}")
-        log.info("site %s joined the coordinator at %s", site, address)
-        handler = factory(site, welcome.payload)
+        welcomed = True
+        if held.handler is None or welcome.payload != held.setup:
+            held.handler = factory(site, welcome.payload)
+            held.setup = welcome.payload
+            log.info("site %s joined the coordinator at %s", site, address)
+        else:
+            log.info("site %s rejoined the coordinator at %s (same job: state kept)", site,
+                     address)
         for msg in incoming:
             if msg.kind is Kind.DONE:
                 log.info("site %s: the coordinator is done", site)
-                return
+                return True, True
+            if msg.kind is Kind.REJECT:
+                log.warning("site %s: the coordinator rejected its reply for round %d: %s",
+                            site, msg.round_idx, msg.message)
+                continue
             if msg.kind is not Kind.TASK:
                 raise FedskyError(f"coordinator at {address} sent an unexpected {msg.kind.name}")
-            outbox.put(_answer(handler, site, msg))
-        raise FedskyError(f"coordinator at {address} ended the session without DONE")
+            outbox.put(_answer(held.handler, site, msg))
+        log.warning("site %s: the coordinator at %s ended the session without DONE", site,
+                    address)
+        return False, welcomed
     except grpc.RpcError as err:
         if err.code() in _REFUSALS:
             raise FedskyError(
                 f"coordinator at {address} refused site {site!r}: {err.details()}"
             ) from None
-        raise FedskyError(
-            f"lost the connection to the coordinator at {address}: "
-            f"{err.code().name}: {err.details()}"
-        ) from None
+        log.warning("site %s: lost the connection to the coordinator at %s: %s: %s", site,
+                    address, err.code().name, err.details())
+        return False, welcomed
     finally:
         outbox.put(None)
         responses.cancel()
-        channel.close()
 
 
 def _answer(handler: SiteHandler, site: str, task: Message) -> Message:
-    """Run the handler on one task; a failure becomes an ERROR for that round, not a crash."""
+    """Run the handler on one task; a failure becomes an ERROR for that round, not a crash.
+    The reply carries the task's nonce, which is how the coordinator tells it from a replay."""
     try:
         reply = handler(task.payload)
         if not isinstance(reply, bytes):
             raise TypeError(f"the site handler returned {type(reply).__name__}, not bytes")
     except Exception as err:  # noqa: BLE001 (any handler failure is reported, then we go on)
         log.exception("site %s: task for round %d failed", site, task.round_idx)
-        return Message(Kind.ERROR, site, task.round_idx, message=str(err) or type(err).__name__)
-    return Message(Kind.REPLY, site, task.round_idx, payload=reply)
+        return Message(Kind.ERROR, site, task.round_idx, message=str(err) or type(err).__name__,
+                       nonce=task.nonce)
+    return Message(Kind.REPLY, site, task.round_idx, payload=reply, nonce=task.nonce)
 
 
-def _connect(address: str, tls_ca: str | None, retries: int, chunk_bytes: int) -> grpc.Channel:
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with jitter, so sites that lost one coordinator do not all
+    reconnect in the same instant."""
+    return min(_MAX_WAIT_S, _FIRST_WAIT_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+
+
+def _connect(address: str, tls: TlsFiles | None, retries: int, chunk_bytes: int,
+             keepalive_s: float) -> grpc.Channel:
     """A channel that is ready, after up to `retries` waits that double (with jitter)."""
-    limit = frames.max_frame_bytes(chunk_bytes)
     options = [
-        ("grpc.max_send_message_length", limit),
-        ("grpc.max_receive_message_length", limit),
+        *grpc_channel.options(chunk_bytes, keepalive_s, server=False),
         # grpcio shares one connection among all channels to a target in a process; a site
         # gets its own, so a retry really reconnects and sites in one process stay apart.
         ("grpc.use_local_subchannel_pool", 1),
     ]
-    credentials = None
-    if tls_ca is not None:
-        try:
-            ca = Path(tls_ca).read_bytes()
-        except OSError as err:
-            raise FedskyError(f"cannot read TLS CA file {tls_ca}: {err.strerror}") from None
-        credentials = grpc.ssl_channel_credentials(root_certificates=ca)
-    wait_s = _FIRST_WAIT_S
+    credentials = None if tls is None else grpc_channel.channel_credentials(tls)
     for attempt in range(1, retries + 1):
         # A fresh channel per attempt, so grpcio's own reconnect backoff (up to minutes)
         # does not stretch our bounded schedule.
@@ -123,16 +179,15 @@ def _connect(address: str, tls_ca: str | None, retries: int, chunk_bytes: int) -
             channel = grpc.secure_channel(address, credentials, options=options)
         ready = grpc.channel_ready_future(channel)
         try:
-            # Jitter spreads out many sites retrying against one coordinator.
-            ready.result(timeout=wait_s * random.uniform(0.8, 1.2))
+            ready.result(timeout=_backoff(attempt))
             return channel
         except grpc.FutureTimeoutError:
             ready.cancel()
             channel.close()
             log.info("coordinator at %s not reachable (attempt %d of %d)", address, attempt,
                      retries)
-        wait_s *= 2
     raise FedskyError(
         f"cannot reach coordinator at {address} after {retries} attempts; check the address, "
-        "that the coordinator is running, the firewall, and the TLS settings (tls_ca)"
+        "that the coordinator is running, the firewall, and the TLS files (a TLS handshake "
+        "fails the same way: wrong CA, or a certificate the coordinator does not accept)"
     )

@@ -57,5 +57,8 @@ class InProcessTransport:
             replies[site] = reply
         return replies
 
+    def reject(self, round_idx: int, site: str, reason: str) -> None:
+        """The site runs in this process: the coordinator's log line is all there is to say."""
+
     def close(self) -> None:
         self._handlers.clear()
