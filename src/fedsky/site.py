@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer as BpeTokenizer
 
 from fedsky import secure_site
-from fedsky.accounting import Link
+from fedsky.accounting import Link, tokens_per_second
 from fedsky.codecs import Codecs, Params, RoundSeeds, make_codec
 from fedsky.config import JobConfig, parse_job
 from fedsky.data import load_pretrained_tokenizer
@@ -52,9 +52,10 @@ def link_seeds(job_seed: int, round_idx: int, site_index: int | None) -> RoundSe
 
 
 def make_setup(job: JobConfig, job_dir: Path | None, tok: Tokenizer,
-               resumed_at: int = 0) -> bytes:
+               resumed_at: int = 0, virtual_clock: bool = False) -> bytes:
     """What the coordinator hands every site on join: the job and the trained tokenizer (and
-    the round a resumed run starts at, which a private site counts as spent before it)."""
+    the round a resumed run starts at, which a private site counts as spent before it).
+    `virtual_clock`: the run is timed by the sites' profiles (an async simulation)."""
     header = {
         "job": job.model_dump(mode="json"),
         "job_dir": str(job_dir) if job_dir else None,
@@ -62,6 +63,8 @@ def make_setup(job: JobConfig, job_dir: Path | None, tok: Tokenizer,
         # A pretrained tokenizer is loaded by path at the site; a trained BPE travels whole.
         "tokenizer": tok.to_str() if isinstance(tok, BpeTokenizer) else None,
     }
+    if virtual_clock:
+        header["virtual_clock"] = True
     return pack({}, header)
 
 
@@ -82,6 +85,10 @@ class Site:
     pending: PendingRound | None = None  # secure aggregation: this round's update and keys
     he_ctx: Any = None  # CKKS context with the secret key (fedsky.he), after the set-up
     setup_key: KeyPair | None = None  # receives the CKKS secret from the generating site
+    # Report the profile's compute time (tokens / tokens-per-second), not the measured one:
+    # the payload then repeats byte for byte (zstd's output size depends on every digit), and
+    # a virtual clock, which times transfers by payload size, with it.
+    virtual_clock: bool = False
 
 
 def open_site(name: str, setup: bytes, data_path: str | None = None) -> Site:
@@ -117,7 +124,7 @@ def open_site(name: str, setup: bytes, data_path: str | None = None) -> Site:
                if job.privacy is not None else None)
     initial = trainable_state(model) if codecs.downlink.lossy else None  # round 0's base
     return Site(name, index, job, model, data, probe, codecs, device, initial, INITIAL,
-                privacy=privacy)
+                privacy=privacy, virtual_clock=bool(header.get("virtual_clock")))
 
 
 def receive_global(site: Site, tensors: Params, header: dict[str, Any]) -> tuple[int, Params]:
@@ -254,6 +261,9 @@ def train_round(site: Site, tensors: Params, header: dict[str, Any]) -> bytes:
         # Fixed width, so that payload sizes (and the byte metrics) do not depend on timing.
         "compute_s": f"{result.compute_s + probe_s:015.6f}",
     }
+    if site.virtual_clock:
+        own = site.job.sites[site.index].profile
+        header["compute_s"] = f"{result.tokens / tokens_per_second(own):015.6f}"
     if site.privacy is not None:  # epsilon spent; losses on the site's data withheld
         header.update(site.privacy.header())
     return pack(enc.tensors, header, enc.zstd_level)

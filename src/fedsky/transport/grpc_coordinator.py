@@ -2,7 +2,8 @@
 
 Threads and queues, no asyncio. grpcio's sync server runs each site's Join stream on a pool
 thread that sends whatever is put in that site's outbox; a reader thread per stream turns the
-site's frames into arrivals on one shared inbox, which `exchange` drains until the deadline.
+site's frames into arrivals on one shared inbox, which `exchange` drains until the deadline
+(and `poll`, for the async loop, one arrival at a time).
 A reply is matched to its round by the round number it carries, so one that comes in after
 its round is over is recognised and dropped.
 """
@@ -24,6 +25,7 @@ import grpc
 
 from fedsky.errors import FedskyError
 from fedsky.transport import fedsky_pb2_grpc, frames
+from fedsky.transport.base import Reply
 from fedsky.transport.frames import Kind, Message
 
 log = logging.getLogger("fedsky.transport")
@@ -164,6 +166,28 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
             log.warning("round %d: no reply within %.1fs from %s", round_idx, deadline_s,
                         ", ".join(sorted(waiting)))
         return replies
+
+    def submit(self, site: str, tag: int, task: bytes) -> bool:
+        """Queue a task for a connected site and return at once (the async loop)."""
+        with self._lock:
+            session = self._sessions.get(site)
+            if session is None:
+                return False
+            session.outbox.put(Message(Kind.TASK, site, tag, payload=task))
+        return True
+
+    def poll(self, timeout_s: float) -> Reply | None:
+        """The next arrival from any site: a reply, a failure or a disconnect."""
+        try:
+            arrival = self._inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        site, msg = arrival.session.site, arrival.msg
+        if msg is None:
+            return Reply(site, None, None, "disconnected")
+        if msg.kind is Kind.ERROR:
+            return Reply(site, msg.round_idx, None, msg.message)
+        return Reply(site, msg.round_idx, msg.payload)
 
     def close(self) -> None:
         """Send DONE to every connected site, then stop listening."""
