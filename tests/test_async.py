@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_job
+from conftest import REPO, tiny_job
 from fedsky.accounting import task_seconds
 from fedsky.async_loop import RealClock, run_async
 from fedsky.async_strategies import Arrival, FedAsync, FedBuff, make_async_strategy, mix
@@ -154,6 +154,13 @@ def test_invalid_async_combinations_are_rejected_at_load(tmp_path: Path,
     job, job_dir = load_job(path)
     with pytest.raises(FedskyError, match="--resume is not supported"):
         run_federated(job, job_dir, "inprocess", resume=True)
+
+
+def test_the_async_example_loads() -> None:
+    job, _ = load_job(REPO / "examples" / "async_fedbuff.toml")
+    assert job.strategy.name == "fedbuff" and job.strategy.buffer_size == 3
+    assert [s.profile.compute for s in job.sites] == [1.0, 0.25, 1.0]
+    assert job.sites[2].profile.bandwidth_mbps == 50 and job.sites[2].profile.cloud == "azure"
 
 
 # ---- runs ------------------------------------------------------------------------------------
