@@ -143,6 +143,8 @@ def test_invalid_async_combinations_are_rejected_at_load(tmp_path: Path,
     with pytest.raises(FedskyError, match="asynchronous and \\[privacy\\] is not supported"):
         load_job(path, ['training.sampling="poisson"',
                         "privacy.dp_sgd={noise_multiplier=1.0}"])
+    with pytest.raises(FedskyError, match="asynchronous and \\[secure\\] is not supported"):
+        load_job(path, ["secure={}"])
     with pytest.raises(FedskyError, match="sites_per_round does not apply"):
         load_job(path, ["coordinator.sites_per_round=2"])
     with pytest.raises(FedskyError, match="unknown profile preset 'aws-mars-1'; known: aws-eu"):
