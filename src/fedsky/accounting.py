@@ -1,4 +1,5 @@
-"""What moving updates costs: bytes against fp32, transfer time on a link, egress dollars.
+"""What moving updates costs: bytes against fp32, transfer time on a link, egress dollars,
+and how long a site's task takes on the virtual clock.
 
 Pure functions over byte counts and a price table; the coordinator adds their results to each
 round's record and `fedsky.metrics.summarize` totals them.
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedsky.config import JobConfig, SiteProfile
+from fedsky.profiles import REFERENCE_TOKENS_PER_S
 
 GB = 1 << 30  # clouds bill egress per GB of 2^30 bytes
 
@@ -66,33 +68,55 @@ def links(job: JobConfig) -> dict[str, Link]:
     return {s.name: Link.of(s.profile) for s in job.sites}
 
 
+def tokens_per_second(profile: SiteProfile) -> float:
+    """The site's training speed: declared, or relative to `REFERENCE_TOKENS_PER_S`."""
+    return profile.tokens_per_s or profile.compute * REFERENCE_TOKENS_PER_S
+
+
+def task_seconds(profile: SiteProfile, tokens: int, down_bytes: int, up_bytes: int) -> float:
+    """Virtual time of one task at a site: receive the model, train `tokens`, send the update.
+
+    Only the profile and the exact payload sizes enter, never a measured time, so the virtual
+    clock gives the same answer on any host under any load."""
+    link = Link.of(profile)
+    return (transfer_seconds(down_bytes, link.down_mbps, link.latency_ms)
+            + tokens / tokens_per_second(profile)
+            + transfer_seconds(up_bytes, link.up_mbps, link.latency_ms))
+
+
 def round_accounting(job: JobConfig, bytes_up: dict[str, int], bytes_down: dict[str, int],
-                     fp32_bytes: int) -> dict[str, Any]:
+                     fp32_bytes: int, messages_up: dict[str, int] | None = None,
+                     messages_down: dict[str, int] | None = None) -> dict[str, Any]:
     """The round record's accounting fields, per site.
 
     Uploads are billed at the site's egress price, downloads at the coordinator's; each side's
-    price depends on whether the other end is in the same cloud.
+    price depends on whether the other end is in the same cloud. `messages_*`: how many
+    payloads each site's bytes are (an async record's; default one).
     """
     coord = job.coordinator
     profiles = {s.name: s.profile for s in job.sites}
+    up_n, down_n = messages_up or {}, messages_down or {}
     rec: dict[str, Any] = {
         "fp32_bytes": fp32_bytes,  # one dense fp32 update: what the ratios compare against
-        "compression_ratio": {s: compression_ratio(fp32_bytes, n) for s, n in bytes_up.items()},
-        "compression_ratio_down": {s: compression_ratio(fp32_bytes, n)
+        "compression_ratio": {s: compression_ratio(fp32_bytes * up_n.get(s, 1), n)
+                              for s, n in bytes_up.items()},
+        "compression_ratio_down": {s: compression_ratio(fp32_bytes * down_n.get(s, 1), n)
                                    for s, n in bytes_down.items()},
         "cost_usd": {},
     }
-    for site, down_bytes in bytes_down.items():
+    sites = list(dict.fromkeys([*bytes_down, *bytes_up]))  # an async site may only upload
+    for site in sites:
         p = profiles[site]
         up_price = egress_price(p.cloud, coord.cloud, p.egress_usd_per_gb)
         down_price = egress_price(coord.cloud, p.cloud, coord.egress_usd_per_gb)
         rec["cost_usd"][site] = (cost_usd(bytes_up.get(site, 0), up_price)
-                                 + cost_usd(down_bytes, down_price))
+                                 + cost_usd(bytes_down.get(site, 0), down_price))
     if job.transport.emulate_links:
         rec["transfer_s"] = {}
-        for site, down_bytes in bytes_down.items():
+        for site in sites:
             link = Link.of(profiles[site])
-            down = transfer_seconds(down_bytes, link.down_mbps, link.latency_ms)
+            down = (transfer_seconds(bytes_down[site], link.down_mbps, link.latency_ms)
+                    if site in bytes_down else 0.0)
             up = (transfer_seconds(bytes_up[site], link.up_mbps, link.latency_ms)
                   if site in bytes_up else 0.0)
             rec["transfer_s"][site] = {"down": down, "up": up}

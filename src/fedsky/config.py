@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from fedsky.config_base import Strict
 from fedsky.config_secure import SecureConfig, check_secure
 from fedsky.errors import FedskyError
+from fedsky.profiles import with_preset
 
 
 class LoraConfig(Strict):
@@ -96,17 +97,27 @@ Cloud = Literal["aws", "gcp", "azure", "onprem"]
 
 
 class SiteProfile(Strict):
-    """What a site declares about itself. `compute` is relative speed (capacity partitioning);
-    the link (Mbit/s, one-way ms) drives adaptive compression and link emulation; `cloud` or
-    `egress_usd_per_gb` price its traffic (the table is in `fedsky.accounting`)."""
+    """What a site declares about itself. `compute` is relative speed (capacity partitioning,
+    the virtual clock); the link (Mbit/s, one-way ms) drives adaptive compression, link
+    emulation and the virtual clock; `cloud` or `egress_usd_per_gb` price its traffic (the
+    table is in `fedsky.accounting`), `usd_per_hour` its machines. A `preset` (a cloud region,
+    see `fedsky.profiles`) fills in the keys the profile does not give."""
 
+    preset: str | None = None
     compute: float = Field(1.0, gt=0)
+    tokens_per_s: float | None = Field(None, gt=0)  # absolute speed; overrides `compute`
+    usd_per_hour: float | None = Field(None, ge=0)  # what the site's machines cost
     bandwidth_mbps: float = Field(1000.0, gt=0)  # both directions, unless up/down are given
     up_mbps: float | None = Field(None, gt=0)  # site -> coordinator
     down_mbps: float | None = Field(None, gt=0)  # coordinator -> site
     latency_ms: float = Field(0.0, ge=0)
     cloud: Cloud | None = None  # egress price preset
     egress_usd_per_gb: float | None = Field(None, ge=0)  # overrides the preset
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        return with_preset(data) if isinstance(data, dict) else data
 
     @property
     def up(self) -> float:
@@ -209,9 +220,43 @@ class RobustConfig(Strict):
     trim_fraction: float = Field(0.2, ge=0, lt=0.5)  # trimmed from each end (trimmed_mean)
 
 
+class StalenessConfig(Strict):
+    """How much an update counts that started from a model `t` versions old (Xie et al. 2019):
+    `constant` s(t) = 1; `polynomial` s(t) = (t + 1)^-a; `hinge` s(t) = 1 for t <= b, else
+    1 / (a (t - b) + 1)."""
+
+    fn: Literal["constant", "polynomial", "hinge"] = "polynomial"
+    a: float = Field(0.5, gt=0)
+    b: int = Field(4, ge=0)
+
+
+class FedAsyncConfig(Strict):
+    """FedAsync (Xie et al. 2019): each site model is mixed in as it arrives,
+    x <- (1 - a_t) x + a_t x_site, a_t = alpha * s(staleness). Asynchronous."""
+
+    name: Literal["fedasync"] = "fedasync"
+    alpha: float = Field(0.5, gt=0, le=1)
+    staleness: StalenessConfig = StalenessConfig()
+    max_staleness: int | None = Field(None, ge=0)  # older updates are dropped (and counted)
+
+
+class FedBuffConfig(Strict):
+    """FedBuff (Nguyen et al. 2022): s(staleness) * delta goes into a buffer; every
+    `buffer_size` arrivals the server optimizer steps on the buffer's weighted mean.
+    Asynchronous."""
+
+    name: Literal["fedbuff"] = "fedbuff"
+    buffer_size: int | None = Field(None, gt=0)  # K; None: the number of sites
+    staleness: StalenessConfig = StalenessConfig()
+    max_staleness: int | None = Field(None, ge=0)
+    server: FedOptConfig = FedOptConfig()  # sgd, lr 1: the buffered FedAvg
+
+
 StrategyConfig = Annotated[
-    FedAvgConfig | DynamicConfig | FedOptConfig | RobustConfig, Field(discriminator="name")
+    FedAvgConfig | DynamicConfig | FedOptConfig | RobustConfig | FedAsyncConfig | FedBuffConfig,
+    Field(discriminator="name"),
 ]
+ASYNC_STRATEGIES = ("fedasync", "fedbuff")  # run by `fedsky.async_loop`, not the round loop
 
 
 class CastStage(Strict):
@@ -505,7 +550,24 @@ class JobConfig(Strict):
             if self.coordinator.max_update_norm is not None:
                 raise ValueError("coordinator.max_update_norm needs plaintext updates; with "
                                  "[secure] the coordinator never sees one site's update")
+        if self.strategy.name in ASYNC_STRATEGIES:
+            _check_async(self)
         return self
+
+
+def _check_async(job: JobConfig) -> None:
+    """What an asynchronous strategy cannot be combined with (JobConfig._cross_field)."""
+    name = job.strategy.name
+    if job.privacy is not None:
+        raise ValueError(f"strategy {name!r} is asynchronous and [privacy] is not supported "
+                         "with it yet: its accounting assumes each site trains once per "
+                         "round, but in an async run a fast site trains more often")
+    if job.secure is not None:  # fedbuff's K buffered updates could be the cohort: not built
+        raise ValueError(f"strategy {name!r} is asynchronous and [secure] is not supported "
+                         "with it yet: masks and encryption need a fixed cohort of updates")
+    if job.coordinator.sites_per_round is not None:
+        raise ValueError(f"strategy {name!r} is asynchronous: every site trains all the time, "
+                         "so coordinator.sites_per_round does not apply; remove it")
 
 
 def _check_privacy(job: JobConfig) -> None:

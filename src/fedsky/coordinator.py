@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsky.accounting import round_accounting
+from fedsky.accounting import round_accounting, task_seconds
 from fedsky.checkpoint import save_checkpoint
 from fedsky.codecs import Codec, Codecs
 from fedsky.config import JobConfig
@@ -44,7 +44,7 @@ class RoundContext:
     model: torch.nn.Module  # holds the global trainable tensors between rounds, for evaluation
     eval_data: torch.Tensor  # (N, T)
     device: torch.device
-    strategy: Strategy
+    strategy: Strategy  # in `fedsky.async_loop.run_async`, an AsyncStrategy
     codec: Codecs  # the coordinator's: decodes uplinks, encodes the downlink
     log: RunLog
     checkpoint_path: Path
@@ -122,6 +122,7 @@ def run_rounds(
     start_round: int = 0,
 ) -> Params:
     """Run rounds `start_round .. job.rounds - 1`; returns the final global tensors."""
+    profiles = {s.name: s.profile for s in job.sites}
     # What each site holds: at the start, the initial model every site built; after a restart,
     # unknown (so each site gets the whole model once).
     downlink = Downlink(ctx.codec.downlink, global_params if start_round == 0 else None)
@@ -155,6 +156,11 @@ def run_rounds(
         if job.secure is not None:
             rec["secure"] = {**sec.info, "dropped": sec.dropped}
         rec.update(round_accounting(job, rec["bytes_up"], rec["bytes_down"], fp32_bytes))
+        # What the clouds would take: the slowest participant's task by its profile.
+        rec["virtual_time_s"] = max((task_seconds(profiles[u.site], u.tokens,
+                                                  bytes_down.get(u.site, 0),
+                                                  bytes_up.get(u.site, 0)) for u in updates),
+                                    default=0.0)
         if len(updates) < job.coordinator.min_sites or (job.secure is not None and mean is None):
             rec["skipped"] = sec.failed if job.secure is not None and sec.failed else (
                 f"{len(updates)} update(s), quorum is {job.coordinator.min_sites}")

@@ -86,9 +86,13 @@ class Downlink:
         """A reply proves the site applied its task; without one, what it holds is unknown
         (the task may or may not have arrived), so it gets the full model next time."""
         replied = set(replied)
-        for site, held in self._pending.items():
-            if site in replied:
-                self._held[site] = held
-            else:
-                self._held.pop(site, None)
-        self._pending.clear()
+        for site in list(self._pending):
+            self.settle(site, site in replied)
+
+    def settle(self, site: str, replied: bool) -> None:
+        """One site's task is over (the async loop settles sites one at a time)."""
+        held = self._pending.pop(site)
+        if replied:
+            self._held[site] = held
+        else:
+            self._held.pop(site, None)

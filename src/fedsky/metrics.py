@@ -7,6 +7,7 @@ logs, pipes) as plain lines.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,28 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def messages(rec: dict[str, Any], direction: str) -> int:
+    """How many payloads a record's bytes that way are: one per site in a synchronous round;
+    an async record counts them (`messages_up`, `messages_down`)."""
+    counted = rec.get(f"messages_{direction}")
+    return sum(counted.values()) if counted else len(rec.get(f"bytes_{direction}") or {})
+
+
 def _ratio(rec: dict[str, Any], direction: str) -> str:
     """` (123x)`: this round's fp32 bytes over the bytes sent that way, when recorded."""
     sent = rec.get(f"bytes_{direction}") or {}
     if "fp32_bytes" not in rec or not sum(sent.values()):
         return ""
-    return f" ({rec['fp32_bytes'] * len(sent) / sum(sent.values()):.0f}x)"
+    return f" ({rec['fp32_bytes'] * messages(rec, direction) / sum(sent.values()):.0f}x)"
+
+
+def _async_part(rec: dict[str, Any]) -> str:
+    """`  v12  2 stale  vt 31.4s`: an async record's model version, drops and virtual clock."""
+    if "version" not in rec:
+        return ""
+    stale = f"  {rec['stale_dropped']} stale" if rec.get("stale_dropped") else ""
+    clock = f"  vt {rec['virtual_clock_s']:.1f}s" if "virtual_clock_s" in rec else ""
+    return f"  v{rec['version']}{stale}{clock}"
 
 
 def round_line(rec: dict[str, Any], total_rounds: int) -> str:
@@ -46,7 +63,7 @@ def round_line(rec: dict[str, Any], total_rounds: int) -> str:
         f"round {rec['round'] + 1}/{total_rounds}: eval loss {rec['eval_loss']:.4f}  "
         f"ppl {rec['perplexity']:.1f}  acc {rec['accuracy']:.3f}  "
         f"up {human_bytes(up)}{_ratio(rec, 'up')}  down {human_bytes(down)}{_ratio(rec, 'down')}"
-        f"{cost}{_epsilon(rec)}  {rec['wall_s']:.1f}s{dropped}"
+        f"{cost}{_epsilon(rec)}{_async_part(rec)}  {rec['wall_s']:.1f}s{dropped}"
     )
 
 
@@ -186,7 +203,7 @@ def traffic(records: list[dict[str, Any]]) -> dict[str, Any]:
     for rec in records:
         for direction in ("up", "down"):
             sent = rec.get(f"bytes_{direction}") or {}
-            fp32[direction] += rec.get("fp32_bytes", 0) * len(sent)
+            fp32[direction] += rec.get("fp32_bytes", 0) * messages(rec, direction)
             for site, n in sent.items():
                 row = by_site.setdefault(site, {"up": 0, "down": 0, "cost_usd": 0.0})
                 row[direction] += n
@@ -222,8 +239,20 @@ def summarize(records: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str,
         "bytes_down": bytes_down,
         "bytes_total": bytes_up + bytes_down,
         "wall_s": sum(r["wall_s"] for r in records),
+        **clock_totals(records),
         **privacy_spent(records),
     }
+
+
+def clock_totals(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Virtual time over the run, and (async runs) the model versions and stale drops."""
+    out: dict[str, Any] = {}
+    if any("virtual_time_s" in r for r in records):
+        out["virtual_time_s"] = math.fsum(r.get("virtual_time_s", 0.0) for r in records)
+    if any("version" in r for r in records):
+        out["versions"] = max(r["version"] for r in records if "version" in r)
+        out["stale_dropped"] = sum(r.get("stale_dropped", 0) for r in records)
+    return out
 
 
 def privacy_spent(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -19,10 +19,12 @@ from typing import Any
 import torch
 
 from fedsky.accounting import links
+from fedsky.async_loop import RealClock, VirtualClock, run_async
+from fedsky.async_strategies import make_async_strategy
 from fedsky.certs import TlsFiles, throwaway_pki
 from fedsky.checkpoint import load_checkpoint, save_checkpoint
 from fedsky.codecs import make_codec
-from fedsky.config import JobConfig
+from fedsky.config import ASYNC_STRATEGIES, JobConfig
 from fedsky.coordinator import RoundContext, run_rounds
 from fedsky.data import Batch, as_hf_tokenizer, concat
 from fedsky.dp_aggregation import private_strategy
@@ -133,6 +135,10 @@ def run_federated(
     `fedsky.site.site_factory`; fault-injection tests wrap it)."""
     started = time.perf_counter()
     sites = [s.name for s in job.sites]
+    asynchronous = job.strategy.name in ASYNC_STRATEGIES
+    if asynchronous and resume:
+        raise FedskyError(f"--resume is not supported with the asynchronous strategy "
+                          f"{job.strategy.name!r} yet; start the run again")
     # Bind first: a port in use fails in a second, not after the data is ready.
     if transport_kind == "grpc" and job.transport.emulate_links:
         raise FedskyError("transport.emulate_links is for the in-process transport; over gRPC "
@@ -151,7 +157,8 @@ def run_federated(
         elif security is not None:
             log.info("coordinator listening on %s:%d; waiting for %d sites",
                      job.transport.host, transport.port, len(sites))
-        strategy = private_strategy(job, make_strategy(job.strategy))
+        strategy = (make_async_strategy(job.strategy, len(sites)) if asynchronous
+                    else private_strategy(job, make_strategy(job.strategy)))
         global_params = trainable_state(p.model)
         state = strategy.init_state(global_params)
         last_done = None
@@ -160,7 +167,9 @@ def run_federated(
             load_trainable(p.model, global_params)
         runlog = RunLog(p.out_dir, job.rounds, f"{job.name} ({transport_kind})", last_done)
         resumed_at = 0 if last_done is None else last_done + 1
-        joined = transport.start(sites, make_setup(job, job_dir, p.tokenizer, resumed_at))
+        virtual_clock = asynchronous and transport_kind != "grpc"
+        joined = transport.start(sites, make_setup(job, job_dir, p.tokenizer, resumed_at,
+                                                   virtual_clock))
         if len(joined) < job.coordinator.min_sites:
             raise FedskyError(f"only {len(joined)} of {len(sites)} sites joined "
                               f"({', '.join(joined) or 'none'}); quorum is "
@@ -172,7 +181,12 @@ def run_federated(
                     f"{len(joined)} sites: {', '.join(joined)}")
         ctx = RoundContext(p.model, p.eval_data, p.device, strategy, make_codec(job.codec),
                            runlog, p.out_dir / "checkpoint.safetensors")
-        global_params = run_rounds(job, transport, joined, global_params, ctx, state, start)
+        if asynchronous:  # simulated: a virtual clock; over gRPC: real time
+            clock = (VirtualClock(transport, {s.name: s.profile for s in job.sites})
+                     if virtual_clock else RealClock(transport))
+            global_params = run_async(job, clock, joined, global_params, ctx, state)
+        else:
+            global_params = run_rounds(job, transport, joined, global_params, ctx, state, start)
     finally:
         transport.close()
         if runlog is not None:

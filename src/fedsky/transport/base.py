@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 # A site's side of the conversation: given a task payload, return the reply payload.
 SiteHandler = Callable[[bytes], bytes]
 # Builds a site's handler once it has joined: (site name, setup payload) -> handler.
 SiteFactory = Callable[[str, bytes], SiteHandler]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What `poll` hands the async loop: one site's answer to the task it was `submit`ted."""
+
+    site: str
+    tag: int | None  # the task's tag, echoed; None when the site disconnected
+    payload: bytes | None  # None: the site failed (see `reason`) or disconnected
+    reason: str = ""
 
 
 class Transport(Protocol):
@@ -30,6 +41,17 @@ class Transport(Protocol):
 
     def reject(self, round_idx: int, site: str, reason: str) -> None:
         """Tell `site` that its reply for `round_idx` was refused, and why (validation)."""
+        ...
+
+    def submit(self, site: str, tag: int, task: bytes) -> bool:
+        """Send one site a task and return at once (the async loop); False if it is gone.
+
+        `tag` travels with the task and comes back with its reply (where `exchange` puts the
+        round number)."""
+        ...
+
+    def poll(self, timeout_s: float) -> Reply | None:
+        """The next reply, failure or disconnect of any site; None if none within `timeout_s`."""
         ...
 
     def close(self) -> None:

@@ -2,7 +2,8 @@
 
 Threads and queues, no asyncio. grpcio's sync server runs each site's Join stream on a pool
 thread that sends whatever is put in that site's outbox; a reader thread per stream turns the
-site's frames into arrivals on one shared inbox, which `exchange` drains until the deadline.
+site's frames into arrivals on one shared inbox, which `exchange` drains until the deadline
+(and `poll`, for the async loop, one arrival at a time).
 A reply is matched to its task by the round number and the task's nonce it carries: one that
 comes in after its round is over is dropped, one with the right round but another nonce (a
 replay, e.g. of a reply to the same round before the coordinator restarted) is rejected.
@@ -31,6 +32,7 @@ from fedsky import certs
 from fedsky.certs import Peer, TlsFiles
 from fedsky.errors import FedskyError
 from fedsky.transport import channel, fedsky_pb2_grpc, frames
+from fedsky.transport.base import Reply
 from fedsky.transport.frames import Kind, Message
 
 log = logging.getLogger("fedsky.transport")
@@ -106,6 +108,7 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
         self._rejoin_wait_s = rejoin_wait_s
         self._lock = threading.Condition()  # guards _sessions and _setup; notified on join/leave
         self._sessions: dict[str, _Session] = {}
+        self._async_nonces: dict[str, int] = {}  # the task each site is on (`submit`)
         self._setup: bytes | None = None  # None until start(): joiners wait for their WELCOME
         self._inbox: queue.Queue[_Arrival] = queue.Queue()
         # Each open stream holds a pool thread for its whole life.
@@ -244,6 +247,37 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
     def _reject(self, session: _Session, round_idx: int, reason: str) -> None:
         log.warning("round %d: rejected the reply of site %s: %s", round_idx, session.site, reason)
         session.outbox.put(Message(Kind.REJECT, session.site, round_idx, message=reason))
+
+    def submit(self, site: str, tag: int, task: bytes) -> bool:
+        """Queue a task for a connected site and return at once (the async loop)."""
+        with self._lock:
+            session = self._sessions.get(site)
+            if session is None:
+                return False
+            self._async_nonces[site] = _send_task(session, tag, task)
+        return True
+
+    def poll(self, timeout_s: float) -> Reply | None:
+        """The next arrival from any site: a reply, a failure or a disconnect (joins and
+        replies that answer no outstanding task are not arrivals for the async loop)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                arrival = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            if arrival.joined:
+                continue
+            site, msg = arrival.session.site, arrival.msg
+            if msg is None:
+                return Reply(site, None, None, "disconnected")
+            if msg.nonce != self._async_nonces.get(site):
+                self._reject(arrival.session, msg.round_idx, "replayed reply: it answers no "
+                             "outstanding task (nonce mismatch)")
+                continue
+            if msg.kind is Kind.ERROR:
+                return Reply(site, msg.round_idx, None, msg.message)
+            return Reply(site, msg.round_idx, msg.payload)
 
     def close(self) -> None:
         """Send DONE to every connected site, then stop listening."""

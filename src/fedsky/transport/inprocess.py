@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 
 from fedsky.accounting import Link, transfer_seconds
 from fedsky.errors import FedskyError
-from fedsky.transport.base import SiteFactory, SiteHandler
+from fedsky.transport.base import Reply, SiteFactory, SiteHandler
 
 log = logging.getLogger("fedsky.transport")
 
@@ -24,6 +25,7 @@ class InProcessTransport:
         self._factory = factory
         self._handlers: dict[str, SiteHandler] = {}
         self._links = dict(links or {})
+        self._replies: deque[Reply] = deque()  # submitted tasks' replies, until polled
 
     def start(self, sites: Sequence[str], setup: bytes) -> list[str]:
         for site in sites:
@@ -37,16 +39,11 @@ class InProcessTransport:
         replies: dict[str, bytes] = {}
         for site, task in tasks.items():
             start = time.perf_counter()
-            link = self._links.get(site)
-            if link is not None:
-                time.sleep(transfer_seconds(len(task), link.down_mbps, link.latency_ms))
             try:
-                reply = self._handlers[site](task)
+                reply = self._run(site, task)
             except FedskyError as err:  # as over gRPC: the site is out of this exchange
                 log.warning("round %d: site %s failed: %s", round_idx, site, err)
                 continue
-            if link is not None:
-                time.sleep(transfer_seconds(len(reply), link.up_mbps, link.latency_ms))
             elapsed = time.perf_counter() - start
             if elapsed > deadline_s:
                 log.warning(
@@ -60,5 +57,30 @@ class InProcessTransport:
     def reject(self, round_idx: int, site: str, reason: str) -> None:
         """The site runs in this process: the coordinator's log line is all there is to say."""
 
+    def submit(self, site: str, tag: int, task: bytes) -> bool:
+        """Runs the site on its task now; the reply waits for `poll`."""
+        if site not in self._handlers:
+            return False
+        try:
+            self._replies.append(Reply(site, tag, self._run(site, task)))
+        except FedskyError as err:  # as over gRPC: an ERROR for this task
+            self._replies.append(Reply(site, tag, None, str(err)))
+        return True
+
+    def poll(self, timeout_s: float) -> Reply | None:
+        """Replies in the order their tasks were submitted (there is nothing to wait for)."""
+        return self._replies.popleft() if self._replies else None
+
+    def _run(self, site: str, task: bytes) -> bytes:
+        """The site's handler on one task, with the link's delays when emulated."""
+        link = self._links.get(site)
+        if link is not None:
+            time.sleep(transfer_seconds(len(task), link.down_mbps, link.latency_ms))
+        reply = self._handlers[site](task)
+        if link is not None:
+            time.sleep(transfer_seconds(len(reply), link.up_mbps, link.latency_ms))
+        return reply
+
     def close(self) -> None:
         self._handlers.clear()
+        self._replies.clear()
