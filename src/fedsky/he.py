@@ -10,28 +10,31 @@ security argument: docs/encryption.md.
 
 An update (all its tensors concatenated) is cut into blocks of `slots` values, one ciphertext
 each, so small tensors do not waste a ciphertext apiece. TenSEAL holds the GIL and its
-`n_threads` does not parallelise vector encryption, so blocks go to a pool of worker
-processes, each of which loads the context once.
+`n_threads` does not parallelise vector encryption (bench/he_throughput.py measures both), so
+with `workers` = w the blocks are shared by this process and w - 1 spawned worker processes,
+each of which loads the context once.
 
 Every ciphertext travels in a frame that the receiver checks before TenSEAL sees it:
 
-    magic "FSC1" | key id (16 B) | block index (u32) | value count (u32) | TenSEAL bytes | digest
+    magic "FSC1" | key id (16 B) | block index (u32) | value count (u32) | TenSEAL bytes | CRC-32
 
 The key id is random (it reveals nothing about the key) and names the key set, so a block made
-under another context is refused instead of decrypting to noise. The BLAKE2b digest catches
-truncation and corruption; it is not a MAC: against an active attacker on the wire TLS protects
-the bytes, and the coordinator is trusted to add honestly (it could drop or repeat a site's
-blocks: CKKS does not make the computation verifiable).
+under another context is refused instead of decrypting to noise. The CRC catches truncation and
+corruption (a cryptographic hash would cost a fifth of a block's decryption and buy nothing: it
+is not a MAC either way). Against an active attacker on the wire TLS protects the bytes, and
+the coordinator is trusted to add honestly (it could drop or repeat a site's blocks: CKKS does
+not make the computation verifiable); a block tampered with anyway decrypts to values far
+beyond the parameters' capacity, which `decrypt` refuses.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import multiprocessing
 import os
 import secrets
 import struct
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -52,7 +55,7 @@ _CTX_MAGIC = b"FSK1"
 _CTX_HEAD = struct.Struct(">4sB16sIBB")  # magic, holds secret key, key id, N, scale bits, primes
 _BLOCK_MAGIC = b"FSC1"
 _BLOCK_HEAD = struct.Struct(">4s16sII")  # magic, key id, block index, value count
-_DIGEST = 16
+_CRC = struct.Struct(">I")
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,7 @@ def block_count(params: CkksParams, length: int) -> int:
 
 def _frame(ctx: CkksContext, index: int, vec: ts.CKKSVector) -> bytes:
     body = _BLOCK_HEAD.pack(_BLOCK_MAGIC, ctx.key_id, index, vec.size()) + vec.serialize()
-    return body + hashlib.blake2b(body, digest_size=_DIGEST).digest()
+    return body + _CRC.pack(zlib.crc32(body))
 
 
 def _open(ctx: CkksContext, blob: bytes, index: int, count: int | None) -> ts.CKKSVector:
@@ -214,11 +217,11 @@ def _open(ctx: CkksContext, blob: bytes, index: int, count: int | None) -> ts.CK
     if not isinstance(blob, bytes | bytearray | memoryview):
         raise FedskyError(f"{where} is a {type(blob).__name__}, not bytes")
     blob = bytes(blob)
-    if len(blob) < _BLOCK_HEAD.size + _DIGEST or blob[:4] != _BLOCK_MAGIC:
+    if len(blob) < _BLOCK_HEAD.size + _CRC.size or blob[:4] != _BLOCK_MAGIC:
         raise FedskyError(f"{where} is not a fedsky CKKS block ({len(blob)} bytes)")
-    body, digest = blob[:-_DIGEST], blob[-_DIGEST:]
-    if hashlib.blake2b(body, digest_size=_DIGEST).digest() != digest:
-        raise FedskyError(f"{where} is corrupt or truncated (digest mismatch)")
+    body, (crc,) = blob[:-_CRC.size], _CRC.unpack(blob[-_CRC.size:])
+    if zlib.crc32(body) != crc:
+        raise FedskyError(f"{where} is corrupt or truncated (CRC mismatch)")
     _, key_id, got_index, got_count = _BLOCK_HEAD.unpack_from(body)
     if key_id != ctx.key_id:
         raise FedskyError(f"{where} was made under another key set (key id "
@@ -323,13 +326,21 @@ def _run_spans(ctx: CkksContext, workers: int | None, n_blocks: int,
     w = min(resolve_workers(ctx.params.workers if workers is None else workers), n_blocks)
     if w <= 1:
         return fn(ctx, 0, *args_for(0, n_blocks))
-    # A few spans per worker even out uneven progress (other jobs share the cores).
+    # This process is one of the w workers: the pool has w - 1. It takes spans from the end
+    # while the pool has not started them, so when other jobs hold the cores the work stays
+    # here instead of paying for the pipe. Several spans per worker even out the progress.
     bounds = np.linspace(0, n_blocks, min(n_blocks, 4 * w) + 1).round().astype(int)
     spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
-    pool = _pool(ctx, w)
+    pool = _pool(ctx, w - 1)
     try:
         futures = [pool.submit(_in_worker, fn, a, *args_for(a, b)) for a, b in spans]
-        return [item for f in futures for item in f.result()]
+        done: dict[int, list[Any]] = {}
+        for i in range(len(spans) - 1, 0, -1):
+            if not futures[i].cancel():
+                break
+            done[i] = fn(ctx, spans[i][0], *args_for(*spans[i]))
+        return [item for i, f in enumerate(futures)
+                for item in (done[i] if i in done else f.result())]
     except BrokenProcessPool as e:
         _POOLS.pop(has_secret_key(ctx), None)
         raise FedskyError("he: a CKKS worker process died (out of memory, killed, or a script "
