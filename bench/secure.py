@@ -8,6 +8,7 @@ float32 values from 3 sites, no training: the sites' fixed-point encoding and ma
 coordinator's sum and unmasking, against the plaintext sum of the same vectors; and bytes.
 
     python bench/secure.py [--rounds 3] [--arms plain,mask32,mask8,he,hybrid] [--big 100e6]
+                           [--out DIR [--reuse]]
 
 Prints JSON, then markdown tables.
 """
@@ -42,12 +43,15 @@ ARMS: dict[str, list[str]] = {
 }
 
 
-def run_arm(name: str, rounds: int, out: Path, extra: list[str]) -> dict[str, Any]:
+def run_arm(name: str, rounds: int, out: Path, extra: list[str],
+            reuse: bool = False) -> dict[str, Any]:
     overrides = [f"rounds={rounds}", f'output_dir="{out / name}"',
                  *ARMS[name], *extra]
     job, job_dir = load_job(REPO / "examples" / "quickstart.toml", overrides)
     started = time.perf_counter()
-    run_federated(job, job_dir, "inprocess")
+    done = (out / name / "metrics.jsonl").is_file() and len(read_metrics(out / name)) == rounds
+    if not (reuse and done):
+        run_federated(job, job_dir, "inprocess")
     wall = time.perf_counter() - started
     recs = [r for r in read_metrics(out / name) if "eval_loss" in r]
     up = [statistics.mean(r["bytes_up"].values()) for r in recs]
@@ -120,12 +124,14 @@ def main() -> None:
     ap.add_argument("--big", type=float, default=100e6, help="values in part 2 (0: skip)")
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--reuse", action="store_true", help="re-read arms already run in --out")
     args = ap.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="fedsky-secure-"))
     result: dict[str, Any] = {"rounds": args.rounds, "workload": {}}
     for arm in args.arms.split(","):
         if arm:
-            result["workload"][arm] = run_arm(arm, args.rounds, out, args.overrides)
+            result["workload"][arm] = run_arm(arm, args.rounds, out, args.overrides,
+                                              args.reuse)
     base = result["workload"].get("plain")
     if base:
         for r in result["workload"].values():

@@ -271,6 +271,9 @@ def test_the_coordinator_never_holds_the_ckks_secret_key(tmp_path: Path,
             assert not he.has_secret_key(ctx)
             received += 1
     assert received == 1
+    # what the coordinator got of the token-revealing embedding: ciphertext blocks only
+    masked = [unpack(r)[0] for _, ph, r in seen if ph == "masked"]
+    assert masked and all("he" in m and not any("wte" in k for k in m) for m in masked)
     # the secret reached the other sites sealed to their keys: opaque to the coordinator
     sealed = [unpack(r)[0] for _, ph, r in seen if ph == "he_create"][0]
     assert sorted(k for k in sealed if k.startswith("sealed/")) == ["sealed/b", "sealed/c"]
