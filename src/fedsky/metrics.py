@@ -40,7 +40,9 @@ def _ratio(rec: dict[str, Any], direction: str) -> str:
     sent = rec.get(f"bytes_{direction}") or {}
     if "fp32_bytes" not in rec or not sum(sent.values()):
         return ""
-    return f" ({rec['fp32_bytes'] * messages(rec, direction) / sum(sent.values()):.0f}x)"
+    ratio = rec["fp32_bytes"] * messages(rec, direction) / sum(sent.values())
+    # below 1: the payload is larger than fp32 (ciphertexts); say by how much
+    return f" ({ratio:.0f}x)" if ratio >= 0.95 else f" ({1 / ratio:.1f}x fp32)"
 
 
 def _async_part(rec: dict[str, Any]) -> str:
