@@ -27,6 +27,8 @@ ARMS = [
     ("fedopt-sgd-nesterov (DiLoCo: lr 0.7, momentum 0.9)", "diloco.toml", False),
     ("fedopt-sgd-nesterov (lr 1.0, momentum 0.5)", "diloco_short.toml", False),
     ("fedopt-adam", "fedadam.toml", False),
+    ("fedavg, sites keep their optimizer", "fedavg_keep.toml", False),
+    ("fedopt-sgd lr 1.3, sites keep their optimizer", "fedopt_keep.toml", False),
     ("centralized (ceiling)", "base.toml", True),
 ]
 
