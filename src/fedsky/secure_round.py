@@ -67,7 +67,10 @@ class Phase:
         self.transport, self.deadline_s, self.out = transport, deadline_s, out
 
     def run(self, round_idx: int, phase: str, tasks: dict[str, bytes]) -> dict[str, tuple]:
+        """The well-formed replies of this phase, by site, as (tensors, header)."""
         replies = self.transport.exchange(tag(round_idx, phase), tasks, self.deadline_s)
+        if phase == "train":  # the sites that now hold this round's model (the downlink)
+            self.out.trained = replies
         for s, t in tasks.items():
             self.out.bytes_down[s] = self.out.bytes_down.get(s, 0) + len(t)
         got: dict[str, tuple] = {}
@@ -82,7 +85,10 @@ class Phase:
                         header.get("phase") != ("keys" if phase == "train" else phase):
                     raise FedskyError(f"reply is for round {header.get('round')}, site "
                                       f"{header.get('site')}, phase {header.get('phase')}")
-            except FedskyError as err:
+                for key in ("channel_pk", "masking_pk") if phase == "train" else ():
+                    if len(bytes.fromhex(header[key])) != 32:
+                        raise FedskyError(f"{key} is not an X25519 public key")
+            except (FedskyError, KeyError, ValueError, TypeError) as err:
                 log.warning("round %d: %s reply from %s rejected: %s", round_idx, phase, s, err)
                 self.out.dropped.setdefault(s, f"bad {phase} reply: {err}")
                 continue
@@ -102,9 +108,7 @@ def run_secure_round(job: JobConfig, transport: Transport, round_idx: int,
     by_route = routes(job, list(global_params))
 
     # train: the model out, public keys and ranges back
-    replies = transport.exchange(tag(r, "train"), train_tasks, job.coordinator.round_deadline_s)
-    out.trained = replies
-    keyed = _collect_train(phase, r, train_tasks, replies)
+    keyed = phase.run(r, "train", train_tasks)
     u1 = list(keyed)
     need = max(2, job.coordinator.min_sites)
     threshold = sec.threshold or len(u1) // 2 + 1
@@ -183,33 +187,6 @@ def he_length(by_route: dict[str, list[str]], global_params: Params) -> int:
 def _fail(out: SecureOutcome, reason: str) -> SecureOutcome:
     out.failed = reason
     return out
-
-
-def _collect_train(phase: Phase, r: int, tasks: dict[str, bytes],
-                   replies: dict[str, bytes]) -> dict[str, tuple]:
-    """Phase 0's replies went through `transport.exchange` directly (they carry the model
-    downlink); count and check them like the others."""
-    for s in tasks:
-        phase.out.bytes_down[s] = len(tasks[s])
-    got: dict[str, tuple] = {}
-    for s in tasks:
-        if s not in replies:
-            phase.out.dropped[s] = "no train reply"
-            continue
-        phase.out.bytes_up[s] = len(replies[s])
-        try:
-            tensors, header = unpack(replies[s])
-            if (header.get("round"), header.get("site"), header.get("phase")) != (r, s, "keys"):
-                raise FedskyError("not this round's keys reply")
-            for key in ("channel_pk", "masking_pk"):
-                if len(bytes.fromhex(header[key])) != 32:
-                    raise FedskyError(f"{key} is not an X25519 key")
-        except (FedskyError, KeyError, ValueError, TypeError) as err:
-            log.warning("round %d: train reply from %s rejected: %s", r, s, err)
-            phase.out.dropped[s] = f"bad train reply: {err}"
-            continue
-        got[s] = (tensors, header)
-    return got
 
 
 def _check_masked(job: JobConfig, by_route: dict[str, list[str]], length: int,
