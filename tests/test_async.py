@@ -4,8 +4,6 @@ staleness drops, site profiles and presets, config rules, and a gRPC run that lo
 from __future__ import annotations
 
 import math
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -254,20 +252,24 @@ def test_async_over_grpc_goes_on_after_a_site_is_killed(tmp_path: Path,
     victim = procs[2]  # site "c"
     runlog = RunLog(p.out_dir, job.rounds, "async kill")
 
-    def kill_after_the_first_record() -> None:
-        while not (p.out_dir / "metrics.jsonl").is_file() or not read_metrics(p.out_dir):
-            time.sleep(0.02)
-        victim.kill()
+    class KillBeforeSecondTask(RealClock):
+        """The victim dies the moment it is due its second task: after one arrival, always."""
+
+        def send(self, site: str, tag: int, task: bytes) -> bool:
+            if site == "c" and tag >= 1 and victim.poll() is None:
+                victim.kill()
+                victim.wait()
+            return super().send(site, tag, task)
 
     try:
         joined = transport.start(["a", "b", "c"], make_setup(job, job_dir, p.tokenizer))
         assert joined == ["a", "b", "c"]
-        threading.Thread(target=kill_after_the_first_record, daemon=True).start()
         strategy = make_async_strategy(job.strategy, len(joined))
         params = trainable_state(p.model)
         ctx = RoundContext(p.model, p.eval_data, p.device, strategy, make_codec(job.codec),
                            runlog, p.out_dir / "checkpoint.safetensors")
-        run_async(job, RealClock(transport), joined, params, ctx, strategy.init_state(params))
+        run_async(job, KillBeforeSecondTask(transport), joined, params, ctx,
+                  strategy.init_state(params))
     finally:
         transport.close()
         runlog.close()

@@ -214,7 +214,9 @@ def test_the_coordinator_killed_mid_run_resumes_to_the_uninterrupted_result(
            f'transport.tls_key="{pki / "coordinator.key"}"',
            f'transport.tls_ca="{pki / "ca.pem"}"',
            f'transport.revocation_list="{pki / "revoked.txt"}"']
-    sets = [arg for s in [ONE_THREAD, *tls] for arg in ("--set", s)]
+    # Rounds long enough (~1 s) that the test sees round 0's line well before round 2 ends.
+    slow = "training.local_steps=60"
+    sets = [arg for s in [ONE_THREAD, slow, *tls] for arg in ("--set", s)]
     coordinator_cmd = fedsky_cmd("coordinator", str(job_path), "--port", str(port), *sets)
     out = tmp_path / "out"
     logs = tmp_path / "logs"
@@ -235,11 +237,11 @@ def test_the_coordinator_killed_mid_run_resumes_to_the_uninterrupted_result(
         while not (out / "metrics.jsonl").is_file() or not read_metrics(out):
             assert first.poll() is None, (logs / "coordinator-1.log").read_text()
             assert time.monotonic() < deadline, "the first round never finished"
-            time.sleep(0.2)
+            time.sleep(0.02)
         first.kill()  # preempted: no goodbye to the sites
         first.wait()
         done_before = len(read_metrics(out))
-        assert done_before < 3
+        assert done_before < 3, "all rounds ended before the kill: nothing left to resume"
         second = launch([*coordinator_cmd, "--resume"], "coordinator-2")
         assert second.wait(timeout=400) == 0, (logs / "coordinator-2.log").read_text()
         for w in workers:  # the sites reconnected to the new coordinator and saw it finish
@@ -251,6 +253,6 @@ def test_the_coordinator_killed_mid_run_resumes_to_the_uninterrupted_result(
     assert [r["round"] for r in read_metrics(out)] == [0, 1, 2]
     assert "rejoined" in (logs / "site-a.log").read_text() or "joined" in (
         logs / "site-a.log").read_text()
-    ref, ref_dir = load_job(job_path, [ONE_THREAD, f'output_dir="{tmp_path / "ref"}"'])
+    ref, ref_dir = load_job(job_path, [ONE_THREAD, slow, f'output_dir="{tmp_path / "ref"}"'])
     run_federated(ref, ref_dir, "inprocess")
     assert_same_params(out / "checkpoint.safetensors", tmp_path / "ref" / "checkpoint.safetensors")

@@ -169,6 +169,8 @@ def run_async(job: JobConfig, clock: Clock, sites: list[str], global_params: Par
         task = send_task(clock, downlink, win, job, site, 0, global_params, version)
         if task is not None:
             inflight[site] = task
+        else:
+            leave(site, "gone before its first task", alive, win)
     marks = (time.perf_counter(), clock.now)  # wall and clock time at the last record
     while arrived < budget and inflight:
         if len(alive) < job.coordinator.min_sites:
@@ -188,9 +190,7 @@ def run_async(job: JobConfig, clock: Clock, sites: list[str], global_params: Par
         del inflight[site]
         downlink.settle(site, reply.payload is not None)
         if reply.payload is None:  # failed or disconnected: it leaves the run
-            log.warning("site %s left the run: %s", site, reply.reason)
-            alive.remove(site)
-            win.lost.append(site)
+            leave(site, reply.reason, alive, win)
             continue
 
         arrived += 1
@@ -219,6 +219,8 @@ def run_async(job: JobConfig, clock: Clock, sites: list[str], global_params: Par
                              version)
             if task is not None:
                 inflight[site] = task
+            else:
+                leave(site, "gone before its next task", alive, win)
         if arrived % per_record == 0:
             marks = write_record(job, ctx, arrived // per_record - 1, win, global_params,
                                  state, version, clock, marks)
@@ -227,6 +229,14 @@ def run_async(job: JobConfig, clock: Clock, sites: list[str], global_params: Par
         write_record(job, ctx, arrived // per_record, win, global_params, state, version,
                      clock, marks)
     return global_params
+
+
+def leave(site: str, reason: str | None, alive: list[str], win: Window) -> None:
+    """A site failed, disconnected or could not be sent a task: it is out, and the record
+    says so."""
+    log.warning("site %s left the run: %s", site, reason)
+    alive.remove(site)
+    win.lost.append(site)
 
 
 def write_record(job: JobConfig, ctx: RoundContext, r: int, win: Window, global_params: Params,
