@@ -23,5 +23,5 @@ def test_paper_a_smoke(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "results.md").read_text()
-    assert table.count("\n|") == 8  # header rule + 7 arms
+    assert table.count("\n|") == 10  # header rule + 9 arms
     assert (tmp_path / "results.png").stat().st_size > 10_000
