@@ -1,8 +1,12 @@
-"""gRPC settings both ends share: message limits, keepalives and mutual-TLS credentials."""
+"""gRPC settings both ends share: message limits, keepalives, mutual-TLS credentials, and the
+Join method bound to `frames.encode` / `frames.decode` (the generated stubs would copy every
+chunk through protobuf)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -10,6 +14,8 @@ from fedsky.certs import TlsFiles
 from fedsky.errors import FedskyError
 from fedsky.transport import frames
 
+_SERVICE = "fedsky.Federation"  # as in fedsky.proto
+_JOIN = f"/{_SERVICE}/Join"
 # How long a keepalive ping may go unanswered before the peer is declared dead.
 _KEEPALIVE_TIMEOUT_S = 20.0
 
@@ -62,3 +68,18 @@ def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
         private_key=read_pem(tls.key, "TLS key"),
         certificate_chain=read_pem(tls.cert, "TLS certificate"),
     )
+
+
+def join_handler(join: Callable[[Iterator[Any], grpc.ServicerContext], Iterator[bytes]],
+                 ) -> grpc.GenericRpcHandler:
+    """The server's Join method: requests decoded to `frames.Chunk`s, responses pre-encoded."""
+    method = grpc.stream_stream_rpc_method_handler(
+        join, request_deserializer=frames.decode, response_serializer=frames.encode)
+    return grpc.method_handlers_generic_handler(_SERVICE, {"Join": method})
+
+
+def join(channel: grpc.Channel, requests: Iterator[bytes]) -> Any:
+    """The site's side of Join: a call that yields `frames.Chunk`s."""
+    call = channel.stream_stream(_JOIN, request_serializer=frames.encode,
+                                 response_deserializer=frames.decode)
+    return call(requests)

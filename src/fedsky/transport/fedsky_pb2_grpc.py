@@ -49,7 +49,8 @@ class FederationServicer:
     def Join(self, request_iterator, context):
         """Site -> coordinator: HELLO, then REPLY or ERROR per task.
         Coordinator -> site: WELCOME (setup payload), then TASK per round (REJECT when a reply
-        is refused), then DONE.
+        is refused; RESUME when an upload was cut and should go on from the last byte received),
+        then DONE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

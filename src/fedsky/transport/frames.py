@@ -1,12 +1,18 @@
 """Messages <-> protobuf Frames: the only module that touches the generated message classes.
 
-A message (HELLO, WELCOME, TASK, REPLY, DONE, ERROR) travels as one or more Frames. Payloads
-are cut into chunks of at most `chunk_bytes` so that no single gRPC message is large: gRPC
-refuses messages over 4 MiB by default and protobuf cannot encode one over 2 GiB, while a model
-update can be many GiB. Every chunk carries a CRC-32 of its data and the payload's total size,
-so a corrupted or truncated chunk is caught at the frame it arrives in, end to end (TLS protects
-the wire, not the buffers on either side of it). Everything that arrives is checked, because it
-comes from the network.
+A message (HELLO, WELCOME, TASK, REPLY, DONE, ERROR, REJECT, RESUME) travels as one or more
+Frames. Payloads are cut into chunks of at most `chunk_bytes` so that no single gRPC message is
+large: gRPC refuses messages over 4 MiB by default and protobuf cannot encode one over 2 GiB,
+while a model update can be many GiB. Every chunk carries a CRC-32 of its data, its byte
+offset and the payload's total size, so a corrupted or truncated chunk is caught at the frame
+it arrives in, end to end (TLS protects the wire, not the buffers on either side of it), and
+an upload cut off by a dropped connection can go on from the last byte received (RESUME).
+Everything that arrives is checked, because it comes from the network.
+
+Chunk data is the bulk of every byte moved, so it is never copied more than it must be: a
+frame is encoded as a protobuf header followed by the data field written straight from the
+payload (one copy, into the gRPC message), and decoded into the header plus a zero-copy view
+of the data (`decode`); both are valid protobuf encodings of `Frame`.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ from __future__ import annotations
 import enum
 import queue
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from fedsky.errors import FedskyError
 from fedsky.transport.fedsky_pb2 import Frame
@@ -24,6 +31,8 @@ MAX_PAYLOAD_BYTES = 16 << 30  # default cap on one reassembled payload (16 GiB)
 MAX_TEXT_CHARS = 4096  # an ERROR message is cut to this, so a frame's header stays small
 _HEADER_ROOM = 64 << 10  # bytes a frame may need beyond its chunk: names, token, message
 _GRPC_DEFAULT_LIMIT = 4 << 20  # grpcio's default maximum receive size (4 MiB)
+_DATA_FIELD = 5  # Frame.data's field number
+_DATA_TAG = bytes([_DATA_FIELD << 3 | 2])  # field 5, wire type 2 (length-delimited)
 
 
 class Kind(enum.IntEnum):
@@ -36,6 +45,7 @@ class Kind(enum.IntEnum):
     DONE = Frame.DONE
     ERROR = Frame.ERROR
     REJECT = Frame.REJECT
+    RESUME = Frame.RESUME
 
 
 # Only these kinds carry a payload; the others are one frame with no data, so a peer that has
@@ -51,9 +61,59 @@ class Message:
     site: str = ""
     round_idx: int = 0
     token: str = ""  # HELLO only
-    payload: bytes = b""  # WELCOME, TASK, REPLY
+    payload: bytes = b""  # WELCOME, TASK, REPLY (b"" when it went to a PayloadSink)
     message: str = ""  # ERROR and REJECT
     nonce: int = 0  # TASK: fresh per task; the REPLY or ERROR to it carries the same
+    offset: int = 0  # outgoing REPLY: send from this byte on; RESUME: the byte to resume from
+    result: Any = None  # what the PayloadSink that took the payload returned, if one did
+
+
+class PayloadSink(Protocol):
+    """Takes a payload's bytes as they arrive, in order, instead of a reassembly buffer."""
+
+    def write(self, offset: int, data: memoryview) -> None:
+        """`data` is the payload's bytes [offset, offset + len(data)); raise FedskyError to
+        refuse the message (the stream is then cut with that reason)."""
+        ...
+
+    def close(self) -> Any:
+        """The last byte arrived; the return value becomes `Message.result`."""
+        ...
+
+
+@dataclass
+class Partial:
+    """A payload message part-way in: what a resumed upload continues."""
+
+    kind: Kind
+    site: str
+    round_idx: int
+    nonce: int
+    size: int
+    received: int = 0  # bytes [0, received) arrived whole and checked
+    chunks: list[bytes | memoryview] = field(default_factory=list)  # without a sink
+    sink: PayloadSink | None = None
+
+
+class Interrupted(FedskyError):
+    """The stream stopped in the middle of a payload; `partial` is what had arrived."""
+
+    def __init__(self, message: str, partial: Partial) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+class Chunk:
+    """A decoded frame: the protobuf header, and `data` as a view into the received buffer."""
+
+    __slots__ = ("_header", "data")
+
+    def __init__(self, header: Frame, data: memoryview) -> None:
+        self._header = header
+        self.data = data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._header, name)
 
 
 def max_frame_bytes(chunk_bytes: int) -> int:
@@ -65,116 +125,223 @@ def max_frame_bytes(chunk_bytes: int) -> int:
     return max(chunk_bytes + _HEADER_ROOM, _GRPC_DEFAULT_LIMIT)
 
 
-def to_frames(msg: Message, chunk_bytes: int) -> Iterator[Frame]:
-    """Split a message into Frames, each carrying at most `chunk_bytes` of its payload."""
+def _headers(msg: Message, chunk_bytes: int) -> Iterator[tuple[Frame, memoryview]]:
+    """Each frame of `msg` without its data, and the slice of the payload it carries."""
     if chunk_bytes < 1:
         raise FedskyError(f"chunk_bytes must be positive, got {chunk_bytes}")
     if msg.payload and msg.kind not in _PAYLOAD_KINDS:
         raise FedskyError(f"a {msg.kind.name} message carries no payload")
-    header = dict(
-        kind=int(msg.kind),
-        site=msg.site,
-        round=msg.round_idx,
-        token=msg.token,
-        message=msg.message[:MAX_TEXT_CHARS],
-        nonce=msg.nonce,
-        size=len(msg.payload),
-    )
+    size = len(msg.payload)
+    if msg.kind is not Kind.RESUME and not 0 <= msg.offset <= size:
+        raise FedskyError(f"cannot send a {size}-byte payload from byte {msg.offset}")
     payload = memoryview(msg.payload)
-    n_chunks = max(1, -(-len(payload) // chunk_bytes))  # an empty payload is still one frame
-    for seq in range(n_chunks):
-        chunk = bytes(payload[seq * chunk_bytes : (seq + 1) * chunk_bytes])
-        yield Frame(data=chunk, seq=seq, last=seq == n_chunks - 1, crc32=zlib.crc32(chunk),
-                    **header)
+    common = {"kind": int(msg.kind), "site": msg.site, "round": msg.round_idx,
+              "token": msg.token, "message": msg.message[:MAX_TEXT_CHARS], "nonce": msg.nonce,
+              "size": size}
+    starts = range(msg.offset, size, chunk_bytes) if msg.offset < size else [msg.offset]
+    if msg.kind is Kind.RESUME:  # RESUME carries its offset, not a payload's
+        starts = [0]
+    for seq, start in enumerate(starts):  # an empty payload is still one frame
+        view = payload[start : start + chunk_bytes]
+        last = seq == len(starts) - 1
+        offset = msg.offset if msg.kind is Kind.RESUME else start
+        yield Frame(seq=seq, last=last, crc32=zlib.crc32(view), offset=offset, **common), view
 
 
-def read_message(frames: Iterator[Frame], max_bytes: int = MAX_PAYLOAD_BYTES) -> Message | None:
-    """Read the next whole message from a stream of Frames.
+def to_frames(msg: Message, chunk_bytes: int) -> Iterator[Frame]:
+    """Split a message into protobuf Frames, each with at most `chunk_bytes` of its payload."""
+    for frame, view in _headers(msg, chunk_bytes):
+        frame.data = bytes(view)
+        yield frame
+
+
+def encoded_frames(msg: Message, chunk_bytes: int) -> Iterator[bytes]:
+    """`to_frames`, already serialized: the header, then the data field straight from the
+    payload, so each chunk is copied once (protobuf would copy it in and out again)."""
+    for frame, view in _headers(msg, chunk_bytes):
+        head = frame.SerializeToString()
+        yield b"".join((head, _DATA_TAG, _varint(len(view)), view)) if len(view) else head
+
+
+def encode(frame: Frame | bytes) -> bytes:
+    """gRPC serializer: frames from `encoded_frames` are bytes already."""
+    return frame if isinstance(frame, bytes) else frame.SerializeToString()
+
+
+def decode(buf: bytes) -> Chunk:
+    """gRPC deserializer: the header parsed by protobuf, the data left where it arrived."""
+    view = memoryview(buf)
+    data, head = view[0:0], buf
+    i, n = 0, len(buf)
+    while i < n:
+        start = i
+        key, i = _read_varint(buf, i)
+        wire_type = key & 7
+        if wire_type == 0:
+            _, i = _read_varint(buf, i)
+        elif wire_type == 2:
+            length, i = _read_varint(buf, i)
+            if key >> 3 == _DATA_FIELD and i + length <= n:
+                data, head = view[i : i + length], bytes(view[:start]) + bytes(view[i + length:])
+            i += length
+        elif wire_type in (1, 5):
+            i += 8 if wire_type == 1 else 4
+        else:
+            raise FedskyError(f"malformed frame: wire type {wire_type}")
+    if i != n:
+        raise FedskyError("malformed frame: a field runs past its end")
+    return Chunk(Frame.FromString(head), data)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise FedskyError("malformed frame: a truncated varint")
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+SinkOpener = Callable[[Any], "PayloadSink | None"]
+Resumer = Callable[[Any], "Partial | None"]
+
+
+def read_message(frames: Iterator[Any], max_bytes: int = MAX_PAYLOAD_BYTES,
+                 open_sink: SinkOpener | None = None,
+                 resume: Resumer | None = None) -> Message | None:
+    """Read the next whole message from a stream of Frames (or decoded Chunks).
 
     Args:
         frames: The incoming stream; consumed up to and including the message's last chunk.
         max_bytes: Largest payload accepted; 0 admits only payload-free messages (HELLO).
+        open_sink: Given a REPLY's first frame, a PayloadSink to stream its payload into
+            (then `Message.payload` is b"" and `Message.result` what the sink returned), or
+            None to reassemble it in memory.
+        resume: Given the first frame of an upload that starts past byte 0, the Partial it
+            continues (None: there is none, and the message is refused).
 
     Returns:
         The message, or None when the stream ended cleanly between messages.
 
     Raises:
+        Interrupted: The stream stopped in the middle of a payload (what arrived is kept in
+            the exception, to be resumed).
         FedskyError: A chunk is missing, repeated, out of order, of another message, corrupted
             (CRC-32) or truncated (total size), the payload is over `max_bytes`, the kind is
-            unknown, or the stream stopped mid-message.
+            unknown, or an upload resumes at a byte nothing was received up to.
     """
     first = next(frames, None)
     if first is None:
         return None
     kind = _kind(first)
-    chunks: list[bytes] = []
-    size = 0
+    who = f"{kind.name} from {first.site!r}"
+    if first.size > max_bytes:
+        raise FedskyError(f"{who} is over the {max_bytes}-byte payload limit")
+    part = _start(first, kind, who, open_sink, resume)
+    seq = 0
     frame = first
     while True:
-        if frame.seq != len(chunks):
-            problem = "duplicate" if frame.seq < len(chunks) else "missing chunks before"
-            raise FedskyError(
-                f"{kind.name} from {first.site!r}: {problem} chunk {frame.seq} "
-                f"(expected chunk {len(chunks)})"
-            )
+        data = frame.data  # one access: protobuf copies the bytes on every access
+        if frame.seq != seq:
+            problem = "duplicate" if frame.seq < seq else "missing chunks before"
+            raise FedskyError(f"{who}: {problem} chunk {frame.seq} (expected chunk {seq})")
         if (frame.kind, frame.round, frame.site, frame.nonce, frame.size) != (
             first.kind, first.round, first.site, first.nonce, first.size
         ):
-            raise FedskyError(
-                f"{kind.name} from {first.site!r}: chunk {frame.seq} belongs to another message"
-            )
-        if frame.data and kind not in _PAYLOAD_KINDS:
-            raise FedskyError(f"{kind.name} from {first.site!r} carries data; it must not")
-        if zlib.crc32(frame.data) != frame.crc32:
-            raise FedskyError(f"{kind.name} from {first.site!r}: chunk {frame.seq} is corrupted "
-                              "(CRC-32 mismatch)")
-        size += len(frame.data)
-        if first.size > max_bytes or size > max_bytes:
-            raise FedskyError(
-                f"{kind.name} from {first.site!r} is over the {max_bytes}-byte payload limit"
-            )
-        if size > first.size:
-            raise FedskyError(f"{kind.name} from {first.site!r}: chunk {frame.seq} goes past "
-                              f"the declared {first.size} bytes")
-        chunks.append(frame.data)
+            raise FedskyError(f"{who}: chunk {frame.seq} belongs to another message")
+        if data and kind not in _PAYLOAD_KINDS:
+            raise FedskyError(f"{who} carries data; it must not")
+        if kind in _PAYLOAD_KINDS and frame.offset != part.received:
+            problem = "is truncated" if frame.offset > part.received else "overlaps"
+            raise FedskyError(f"{who} {problem}: chunk {frame.seq} starts at byte "
+                              f"{frame.offset}, but {part.received} bytes came before it")
+        if zlib.crc32(data) != frame.crc32:
+            raise FedskyError(f"{who}: chunk {frame.seq} is corrupted (CRC-32 mismatch)")
+        if part.received + len(data) > first.size:
+            raise FedskyError(f"{who}: chunk {frame.seq} goes past the declared {first.size} "
+                              "bytes")
+        if data:
+            if part.sink is not None:
+                part.sink.write(part.received, data)
+            else:
+                part.chunks.append(data)
+            part.received += len(data)
+        seq += 1
         if frame.last:
-            if size != first.size:
-                raise FedskyError(f"{kind.name} from {first.site!r} is truncated: {size} of "
-                                  f"{first.size} bytes")
+            if part.received != first.size:
+                raise FedskyError(f"{who} is truncated: {part.received} of {first.size} bytes")
             break
         if kind not in _PAYLOAD_KINDS:
-            raise FedskyError(f"{kind.name} from {first.site!r} must be a single frame")
-        frame = next(frames, None)
+            raise FedskyError(f"{who} must be a single frame")
+        try:
+            frame = next(frames, None)
+        except Exception as err:  # the connection dropped (grpc.RpcError): keep what came
+            raise Interrupted(f"connection lost in the middle of a {who}", part) from err
         if frame is None:
-            raise FedskyError(f"stream ended in the middle of a {kind.name} from {first.site!r}")
+            raise Interrupted(f"stream ended in the middle of a {who}", part)
+    sink = part.sink
     return Message(
         kind=kind,
         site=first.site,
         round_idx=first.round,
         token=first.token,
-        payload=b"".join(chunks),
+        payload=b"".join(part.chunks) if sink is None else b"",
         message=first.message[:MAX_TEXT_CHARS],
         nonce=first.nonce,
+        offset=first.offset if kind is Kind.RESUME else 0,
+        result=None if sink is None else sink.close(),
     )
 
 
-def messages(frames: Iterator[Frame], max_bytes: int = MAX_PAYLOAD_BYTES) -> Iterator[Message]:
+def _start(first: Any, kind: Kind, who: str, open_sink: SinkOpener | None,
+           resume: Resumer | None) -> Partial:
+    """A fresh Partial for a message starting at byte 0, or the one a resumed upload goes on."""
+    if kind not in _PAYLOAD_KINDS or first.offset == 0:
+        part = Partial(kind, first.site, first.round, first.nonce, first.size)
+        if kind is Kind.REPLY and open_sink is not None:
+            part.sink = open_sink(first)
+        return part
+    part = resume(first) if resume is not None else None
+    if part is None or (part.kind, part.site, part.round_idx, part.nonce, part.size) != (
+            kind, first.site, first.round, first.nonce, first.size):
+        raise FedskyError(f"{who} resumes at byte {first.offset} of a payload that was never "
+                          "started")
+    if part.received != first.offset:
+        raise FedskyError(f"{who} resumes at byte {first.offset}; {part.received} bytes had "
+                          "arrived")
+    return part
+
+
+def messages(frames: Iterator[Any], max_bytes: int = MAX_PAYLOAD_BYTES) -> Iterator[Message]:
     """All messages of a Frame stream, in order, until it ends (see `read_message`)."""
     while (msg := read_message(frames, max_bytes)) is not None:
         yield msg
 
 
-def stream(outbox: queue.Queue[Message | None], chunk_bytes: int) -> Iterator[Frame]:
-    """The outgoing side of a Join stream: frames of each queued message until a None.
+def stream(outbox: queue.Queue[Message | None], chunk_bytes: int) -> Iterator[bytes]:
+    """The outgoing side of a Join stream: encoded frames of each queued message until a None.
 
     grpcio pulls from this generator on its own thread, so the sending side just puts whole
     messages in `outbox` and never blocks on the network.
     """
     while (msg := outbox.get()) is not None:
-        yield from to_frames(msg, chunk_bytes)
+        yield from encoded_frames(msg, chunk_bytes)
 
 
-def _kind(frame: Frame) -> Kind:
+def _kind(frame: Any) -> Kind:
     try:
         return Kind(frame.kind)
     except ValueError:

@@ -7,6 +7,11 @@ site's frames into arrivals on one shared inbox, which `exchange` drains until t
 A reply is matched to its task by the round number and the task's nonce it carries: one that
 comes in after its round is over is dropped, one with the right round but another nonce (a
 replay, e.g. of a reply to the same round before the coordinator restarted) is rejected.
+An upload cut off by a dropped connection is kept as far as it arrived; when the site
+reconnects within the round it is asked to RESUME from the last byte received, instead of
+being sent the task again (no retraining, no bytes sent twice).
+With a `sink` (see `exchange`), each reply is handed on chunk by chunk as it arrives, so a
+round need not hold one whole update per site (`fedsky.streaming`).
 
 Who a site is comes from its TLS client certificate, issued by the project CA (`fedsky.certs`):
 the certificate's common name must be a site of the job, must not be revoked, and is the only
@@ -21,19 +26,19 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 
 from fedsky import certs
 from fedsky.certs import Peer, TlsFiles
 from fedsky.errors import FedskyError
-from fedsky.transport import channel, fedsky_pb2_grpc, frames
+from fedsky.transport import channel, frames
 from fedsky.transport.base import Reply
-from fedsky.transport.frames import Kind, Message
+from fedsky.transport.frames import Kind, Message, Partial, PayloadSink
 
 log = logging.getLogger("fedsky.transport")
 
@@ -61,7 +66,7 @@ class _Arrival:
     joined: bool = False
 
 
-class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
+class GrpcTransport:
     """The coordinator's Transport over gRPC; it listens from construction until `close`.
 
     Args:
@@ -111,6 +116,11 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
         self._async_nonces: dict[str, int] = {}  # the task each site is on (`submit`)
         self._setup: bytes | None = None  # None until start(): joiners wait for their WELCOME
         self._inbox: queue.Queue[_Arrival] = queue.Queue()
+        self._partials: dict[str, Partial] = {}  # uploads cut off mid-payload, by site
+        # The round in progress: (round, nonce) each site's reply must carry to be streamed
+        # into the sink, and the sink's factory (None: replies are reassembled in memory).
+        self._expected: dict[str, tuple[int, int]] = {}
+        self._sink: Callable[[str], PayloadSink] | None = None
         # Each open stream holds a pool thread for its whole life.
         self._pool = ThreadPoolExecutor(len(self._sites) + _SPARE_STREAMS, "fedsky-join")
         self._server = grpc.server(
@@ -122,7 +132,7 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
                 *channel.options(chunk_bytes, keepalive_s, server=True),
             ],
         )
-        fedsky_pb2_grpc.add_FederationServicer_to_server(self, self._server)
+        self._server.add_generic_rpc_handlers((channel.join_handler(self.Join),))
         self.port = _bind(self._server, host, port, tls)
         self._server.start()
         if tls is None:
@@ -155,18 +165,36 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
         return joined
 
     def exchange(
-        self, round_idx: int, tasks: Mapping[str, bytes], deadline_s: float
-    ) -> dict[str, bytes]:
+        self, round_idx: int, tasks: Mapping[str, bytes], deadline_s: float,
+        sink: Callable[[str], PayloadSink] | None = None,
+    ) -> dict[str, Any]:
         """Send each connected site its task; gather this round's replies until `deadline_s`.
 
         A site that (re)joins during the round, e.g. one restarted after a crash, gets its task
-        then; one that disconnects after getting it is waited for `rejoin_wait_s`.
+        then, or, if its upload was cut off, is asked to resume it from the last byte that
+        arrived; one that disconnects after getting it is waited for `rejoin_wait_s`.
+        With `sink`, each site's reply goes chunk by chunk into `sink(site)` as it arrives and
+        the result holds what that sink's `close` returned, not the payload; a site whose
+        upload never completes leaves its sink unclosed (the caller sees which).
         """
+        try:
+            with self._lock:
+                self._sink = sink
+            return self._exchange(round_idx, tasks, deadline_s)
+        finally:
+            with self._lock:
+                self._sink = None
+                self._expected.clear()
+                self._partials.clear()  # an upload not resumed within its round is void
+
+    def _exchange(self, round_idx: int, tasks: Mapping[str, bytes],
+                  deadline_s: float) -> dict[str, Any]:
         deadline = time.monotonic() + deadline_s
         waiting: dict[str, _Session | None] = {}  # None: disconnected, may still rejoin
         rejoin_by: dict[str, float] = {}  # when a disconnected site stops being waited for
         nonces: dict[str, int] = {}
         settled: set[str] = set()  # replied, failed or rejected: done for this round
+        resuming: set[str] = set()  # asked to RESUME a cut-off upload
         with self._lock:
             for site, task in tasks.items():
                 session = self._sessions.get(site)
@@ -175,9 +203,10 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
                                 "joins before the round ends", round_idx, site)
                     continue
                 nonces[site] = _send_task(session, round_idx, task)
+                self._expected[site] = (round_idx, nonces[site])
                 waiting[site] = session
 
-        replies: dict[str, bytes] = {}
+        replies: dict[str, Any] = {}
         while waiting:
             now = time.monotonic()
             for site in [s for s, t in rejoin_by.items() if t <= now]:
@@ -197,9 +226,21 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
                 if site in tasks and site not in settled and not current:
                     with self._lock:
                         if self._sessions.get(site) is session:
-                            log.info("round %d: site %s (re)joined; sending it this round's "
-                                     "task", round_idx, site)
-                            nonces[site] = _send_task(session, round_idx, tasks[site])
+                            part = self._partials.get(site)
+                            if part is not None and (part.round_idx, part.nonce) == (
+                                    round_idx, nonces.get(site)):
+                                log.info("round %d: site %s rejoined; resuming its upload at "
+                                         "byte %d of %d", round_idx, site, part.received,
+                                         part.size)
+                                session.outbox.put(Message(Kind.RESUME, site, round_idx,
+                                                           nonce=part.nonce,
+                                                           offset=part.received))
+                                resuming.add(site)
+                            else:
+                                log.info("round %d: site %s (re)joined; sending it this "
+                                         "round's task", round_idx, site)
+                                nonces[site] = _send_task(session, round_idx, tasks[site])
+                                self._expected[site] = (round_idx, nonces[site])
                             waiting[site] = session
                             rejoin_by.pop(site, None)
             elif msg is None:
@@ -219,12 +260,20 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
                              f"round {round_idx} (nonce mismatch)")
                 settled.add(site)
                 del waiting[site]
+            elif msg.kind is Kind.ERROR and site in resuming:
+                # A restarted process no longer holds the reply: it gets the task again.
+                log.info("round %d: site %s cannot resume its upload (%s); sending it this "
+                         "round's task", round_idx, site, msg.message)
+                resuming.discard(site)
+                with self._lock:
+                    nonces[site] = _send_task(session, round_idx, tasks[site])
+                    self._expected[site] = (round_idx, nonces[site])
             elif msg.kind is Kind.ERROR:
                 log.warning("round %d: site %s failed: %s", round_idx, site, msg.message)
                 settled.add(site)
                 del waiting[site]
             else:
-                replies[site] = msg.payload
+                replies[site] = msg.payload if msg.result is None else msg.result
                 settled.add(site)
                 del waiting[site]
         if waiting:
@@ -279,6 +328,22 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
                 return Reply(site, msg.round_idx, None, msg.message)
             return Reply(site, msg.round_idx, msg.payload)
 
+    def _open_sink(self, session: _Session, first: Any) -> PayloadSink | None:
+        """A sink for the reply that `first` starts, if it answers the site's current task
+        (anything else is reassembled and then refused: a replay, or too late)."""
+        with self._lock:
+            if (self._sink is None or first.site != session.site
+                    or self._expected.get(session.site) != (first.round, first.nonce)):
+                return None
+            return self._sink(session.site)
+
+    def _take_partial(self, session: _Session, first: Any) -> Partial | None:
+        """The cut-off upload that `first` resumes (a site resumes only its own)."""
+        with self._lock:
+            if first.site != session.site:
+                return None
+            return self._partials.pop(session.site, None)
+
     def close(self) -> None:
         """Send DONE to every connected site, then stop listening."""
         with self._lock:
@@ -289,9 +354,9 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
         self._server.stop(grace=_CLOSE_GRACE_S).wait()
         self._pool.shutdown(wait=False)  # grpcio leaves the executor it was given running
 
-    def Join(  # noqa: N802 (the rpc's name in fedsky.proto)
-        self, request_iterator: Iterator[frames.Frame], context: grpc.ServicerContext
-    ) -> Iterator[frames.Frame]:
+    def Join(
+        self, request_iterator: Iterator[frames.Chunk], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         """One site's stream; grpcio runs it on a pool thread and sends what it yields."""
         peer = self._identify(context)
         try:
@@ -362,16 +427,26 @@ class GrpcTransport(fedsky_pb2_grpc.FederationServicer):
         self._inbox.put(_Arrival(session, None, joined=True))
         return session
 
-    def _read(self, session: _Session, request_iterator: Iterator[frames.Frame]) -> None:
-        """Reader thread: the site's replies go to the inbox until its stream ends."""
+    def _read(self, session: _Session, request_iterator: Iterator[frames.Chunk]) -> None:
+        """Reader thread: the site's replies go to the inbox until its stream ends; an upload
+        cut off mid-payload is kept for the site to resume."""
         try:
-            for msg in frames.messages(request_iterator):
+            while (msg := frames.read_message(
+                    request_iterator,
+                    open_sink=lambda first: self._open_sink(session, first),
+                    resume=lambda first: self._take_partial(session, first))) is not None:
                 if msg.kind not in (Kind.REPLY, Kind.ERROR):
                     raise FedskyError(f"got {msg.kind.name}; only REPLY or ERROR follow HELLO")
                 if msg.site != session.site:  # a site speaks only as itself
                     raise FedskyError(f"a {msg.kind.name} for site {msg.site!r} on the stream "
                                       f"of site {session.site!r}")
                 self._inbox.put(_Arrival(session, msg))
+        except frames.Interrupted as err:
+            if err.partial.kind is Kind.REPLY and err.partial.site == session.site:
+                log.info("site %s: upload cut off after %d of %d bytes", session.site,
+                         err.partial.received, err.partial.size)
+                with self._lock:
+                    self._partials[session.site] = err.partial
         except FedskyError as err:
             log.warning("site %s sent a malformed stream; disconnecting it: %s", session.site, err)
             session.failure = str(err)

@@ -5,7 +5,9 @@ cloud firewalls. It proves who it is with its TLS client certificate (`fedsky ce
 A lost connection (the coordinator restarted, the network dropped, keepalives found the peer
 dead) is not the end: the site reconnects with exponential backoff and jitter and joins again;
 if the coordinator's setup is unchanged it keeps its state (error feedback, optimizer), and it
-takes the current round's task if that round is still open. The handler runs on the calling
+takes the current round's task if that round is still open; if it was cut off mid-upload, the
+coordinator asks it to RESUME and it sends the rest of the same reply (the site keeps its last
+reply until the next task for this). The handler runs on the calling
 thread; grpcio sends the replies from its own thread by pulling them out of a queue.
 """
 
@@ -15,14 +17,14 @@ import logging
 import queue
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
 from fedsky.certs import TlsFiles
 from fedsky.errors import FedskyError
 from fedsky.transport import channel as grpc_channel
-from fedsky.transport import fedsky_pb2_grpc, frames
+from fedsky.transport import frames
 from fedsky.transport.base import SiteFactory, SiteHandler
 from fedsky.transport.frames import Kind, Message
 
@@ -36,10 +38,12 @@ _REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
 
 @dataclass
 class _Held:
-    """What survives a reconnect: the setup this site was built from, and its handler."""
+    """What survives a reconnect: the setup this site was built from, its handler, and its
+    last reply (an upload the coordinator may ask to resume)."""
 
     setup: bytes | None = None
     handler: SiteHandler | None = None
+    last_reply: Message | None = None
 
 
 def serve_site(
@@ -94,7 +98,7 @@ def _serve_once(channel: grpc.Channel, address: str, site: str, token: str,
     """One session on a ready channel; returns (the coordinator said DONE, it welcomed us)."""
     outbox: queue.Queue[Message | None] = queue.Queue()
     outbox.put(Message(Kind.HELLO, site=site, token=token))
-    responses = fedsky_pb2_grpc.FederationStub(channel).Join(frames.stream(outbox, chunk_bytes))
+    responses = grpc_channel.join(channel, frames.stream(outbox, chunk_bytes))
     welcomed = False
     try:
         incoming = frames.messages(responses)
@@ -121,9 +125,14 @@ def _serve_once(channel: grpc.Channel, address: str, site: str, token: str,
                 log.warning("site %s: the coordinator rejected its reply for round %d: %s",
                             site, msg.round_idx, msg.message)
                 continue
+            if msg.kind is Kind.RESUME:
+                outbox.put(_resume(held, site, msg))
+                continue
             if msg.kind is not Kind.TASK:
                 raise FedskyError(f"coordinator at {address} sent an unexpected {msg.kind.name}")
-            outbox.put(_answer(held.handler, site, msg))
+            held.last_reply = None  # a new task: the old reply can no longer be resumed
+            held.last_reply = _answer(held.handler, site, msg)
+            outbox.put(held.last_reply)
         log.warning("site %s: the coordinator at %s ended the session without DONE", site,
                     address)
         return False, welcomed
@@ -147,11 +156,23 @@ def _answer(handler: SiteHandler, site: str, task: Message) -> Message:
         reply = handler(task.payload)
         if not isinstance(reply, bytes):
             raise TypeError(f"the site handler returned {type(reply).__name__}, not bytes")
-    except Exception as err:  # noqa: BLE001 (any handler failure is reported, then we go on)
+    except Exception as err:
         log.exception("site %s: task for round %d failed", site, task.round_idx)
         return Message(Kind.ERROR, site, task.round_idx, message=str(err) or type(err).__name__,
                        nonce=task.nonce)
     return Message(Kind.REPLY, site, task.round_idx, payload=reply, nonce=task.nonce)
+
+
+def _resume(held: _Held, site: str, msg: Message) -> Message:
+    """The rest of the reply the coordinator asks for, from the byte it got up to."""
+    last = held.last_reply
+    if last is None or (last.kind, last.round_idx, last.nonce) != (Kind.REPLY, msg.round_idx,
+                                                                   msg.nonce):
+        return Message(Kind.ERROR, site, msg.round_idx, nonce=msg.nonce,
+                       message="asked to resume an upload this site no longer holds")
+    log.info("site %s: resuming its upload for round %d at byte %d of %d", site,
+             msg.round_idx, msg.offset, len(last.payload))
+    return replace(last, offset=msg.offset)
 
 
 def _backoff(attempt: int) -> float:
