@@ -377,6 +377,9 @@ class CoordinatorConfig(Strict):
     rejoin_wait_s: float = Field(30.0, ge=0)
     # Reject an update whose L2 norm (over all its tensors) is above this; None: no bound
     max_update_norm: float | None = Field(None, gt=0)
+    # Fold each update into one running sum as its chunks arrive (memory: one model, not one
+    # per site); FedAvg/FedOpt with plain fp32 uplinks only, others buffer (fedsky.streaming)
+    streaming: bool = False
     cloud: Cloud | None = None  # where the coordinator runs: prices the downlink's egress
     egress_usd_per_gb: float | None = Field(None, ge=0)  # overrides the preset
 

@@ -30,6 +30,7 @@ from fedsky.secure_round import he_setup, run_secure_round
 from fedsky.secure_site import routes
 from fedsky.site import link_seeds
 from fedsky.strategies import Params, SiteUpdate, Strategy
+from fedsky.streaming import RoundSum, why_not_streamed
 from fedsky.transport.base import Transport
 from fedsky.validation import check_update, decode_update
 from fedsky.wire import unpack
@@ -75,6 +76,12 @@ def decode_reply(blob: bytes, round_idx: int, site: str, global_params: Params,
                           f"of site {header.get('site')}, expected round {round_idx}")
     delta = decode_update(codec, tensors, header.get("codec", {}), global_params, site)
     check_update(delta, global_params, site, max_norm)
+    return site_update(site, header, delta, bandwidth_mbps)
+
+
+def site_update(site: str, header: dict[str, Any], delta: Params,
+                bandwidth_mbps: float) -> SiteUpdate:
+    """A site's update from its reply header (`delta` is {} when it went into a RoundSum)."""
     return SiteUpdate(
         site=site,
         delta=delta,
@@ -112,6 +119,37 @@ def gather_updates(job: JobConfig, transport: Transport, r: int, tasks: dict[str
     }
 
 
+def gather_streamed(job: JobConfig, transport: Transport, r: int, tasks: dict[str, bytes],
+                    global_params: Params) -> tuple[list[SiteUpdate], dict[str, Any]]:
+    """The plain round with streaming aggregation (`fedsky.streaming`): each reply is folded
+    into one running sum as it arrives; `got["mean"]` is the weighted mean delta, or None with
+    `got["void"]` saying why when part of a refused update had been summed."""
+    acc = RoundSum(global_params, r, job.strategy, job.coordinator.max_update_norm)
+    results = transport.exchange(r, tasks, job.coordinator.round_deadline_s, sink=acc.open)
+    bandwidth = {s.name: s.profile.bandwidth_mbps for s in job.sites}  # declared, Mbit/s
+    updates: list[SiteUpdate] = []
+    rejected: list[str] = []
+    for site in tasks:  # config order, whatever order replies came in
+        res = results.get(site)
+        if res is None:
+            continue
+        if res.error is not None:
+            rejected.append(site)
+            log.warning("round %d: rejected update from %s: %s", r, site, res.error)
+            transport.reject(r, site, res.error)
+            continue
+        updates.append(site_update(site, res.header, {}, bandwidth[site]))
+    accepted = {u.site for u in updates}
+    void = acc.void_reason(accepted)
+    return updates, {
+        "replies": results,
+        "dropped": [s for s in tasks if s not in results] + sorted(rejected),
+        "bytes_up": {s: results[s].size for s in tasks if s in results},
+        "void": void,
+        "mean": acc.mean(accepted) if updates and void is None else None,
+    }
+
+
 def run_rounds(
     job: JobConfig,
     transport: Transport,
@@ -128,16 +166,27 @@ def run_rounds(
     downlink = Downlink(ctx.codec.downlink, global_params if start_round == 0 else None)
     fp32_bytes = 4 * sum(t.numel() for t in global_params.values())  # one dense fp32 update
     he_public = None
+    streamed = False
+    if job.coordinator.streaming:
+        why_not = why_not_streamed(job, global_params)
+        streamed = why_not is None
+        if why_not is not None:
+            log.warning("coordinator.streaming: every update is buffered instead, because %s",
+                        why_not)
     if job.secure is not None and routes(job, list(global_params))["he"]:
         he_public, sites = he_setup(job, transport, sites, start_round)
     for r in range(start_round, job.rounds):
         t0 = time.perf_counter()
         selected = select_sites(job, r, sites)
         tasks = downlink.tasks(r, selected, global_params, link_seeds(job.seed, r, None))
-        mean = None
+        mean, void = None, None
         if job.secure is None:
-            updates, got = gather_updates(job, transport, r, tasks, global_params,
-                                          ctx.codec.uplink)
+            if streamed:
+                updates, got = gather_streamed(job, transport, r, tasks, global_params)
+                mean, void = got["mean"], got["void"]
+            else:
+                updates, got = gather_updates(job, transport, r, tasks, global_params,
+                                              ctx.codec.uplink)
             replies, dropped, bytes_up = got["replies"], got["dropped"], got["bytes_up"]
             bytes_down = {s: len(tasks[s]) for s in selected}
         else:
@@ -161,9 +210,10 @@ def run_rounds(
                                                   bytes_down.get(u.site, 0),
                                                   bytes_up.get(u.site, 0)) for u in updates),
                                     default=0.0)
-        if len(updates) < job.coordinator.min_sites or (job.secure is not None and mean is None):
-            rec["skipped"] = sec.failed if job.secure is not None and sec.failed else (
-                f"{len(updates)} update(s), quorum is {job.coordinator.min_sites}")
+        if (void is not None or len(updates) < job.coordinator.min_sites
+                or (job.secure is not None and mean is None)):
+            rec["skipped"] = void or (sec.failed if job.secure is not None and sec.failed else (
+                f"{len(updates)} update(s), quorum is {job.coordinator.min_sites}"))
             rec["wall_s"] = time.perf_counter() - t0
             ctx.log.round(rec)
             continue
@@ -171,8 +221,9 @@ def run_rounds(
         if mean is None:
             weights = ctx.strategy.weights(updates, state)
             global_params, state = ctx.strategy.aggregate(global_params, updates, state)
-        else:  # the coordinator never saw a site's weight, only the weighted mean
-            weights = {u.site: math.nan for u in updates}
+        else:  # streamed: the weights came with the sum; secure: the coordinator never saw them
+            weights = (ctx.strategy.weights(updates, state) if streamed
+                       else {u.site: math.nan for u in updates})
             global_params, state = ctx.strategy.step(global_params, mean, state, updates)
         round_s = time.perf_counter() - t0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 # A site's side of the conversation: given a task payload, return the reply payload.
 SiteHandler = Callable[[bytes], bytes]
@@ -22,6 +22,19 @@ class Reply:
     reason: str = ""
 
 
+class PayloadSink(Protocol):
+    """Takes a payload's bytes as they arrive, in order, instead of a reassembly buffer."""
+
+    def write(self, offset: int, data: memoryview) -> None:
+        """`data` is the payload's bytes [offset, offset + len(data)); raise FedskyError to
+        refuse the message (the stream is then cut with that reason)."""
+        ...
+
+    def close(self) -> Any:
+        """The last byte arrived; the return value becomes the message's result."""
+        ...
+
+
 class Transport(Protocol):
     """Coordinator-side view of the network. Payloads are opaque bytes (see `fedsky.wire`)."""
 
@@ -30,12 +43,15 @@ class Transport(Protocol):
         ...
 
     def exchange(
-        self, round_idx: int, tasks: Mapping[str, bytes], deadline_s: float
-    ) -> dict[str, bytes]:
+        self, round_idx: int, tasks: Mapping[str, bytes], deadline_s: float,
+        sink: Callable[[str], PayloadSink] | None = None,
+    ) -> dict[str, Any]:
         """Send each site its task; return the replies that arrived within `deadline_s`.
 
         A site that misses the deadline, fails, or is disconnected is absent from the result.
-        A reply that arrives after its round is over is discarded.
+        A reply that arrives after its round is over is discarded. With `sink`, each reply is
+        handed to `sink(site)` as it arrives, and the result holds what the sink's `close`
+        returned instead of the payload (streaming aggregation, `fedsky.streaming`).
         """
         ...
 

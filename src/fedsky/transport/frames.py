@@ -22,9 +22,10 @@ import queue
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from fedsky.errors import FedskyError
+from fedsky.transport.base import PayloadSink
 from fedsky.transport.fedsky_pb2 import Frame
 
 MAX_PAYLOAD_BYTES = 16 << 30  # default cap on one reassembled payload (16 GiB)
@@ -66,19 +67,6 @@ class Message:
     nonce: int = 0  # TASK: fresh per task; the REPLY or ERROR to it carries the same
     offset: int = 0  # outgoing REPLY: send from this byte on; RESUME: the byte to resume from
     result: Any = None  # what the PayloadSink that took the payload returned, if one did
-
-
-class PayloadSink(Protocol):
-    """Takes a payload's bytes as they arrive, in order, instead of a reassembly buffer."""
-
-    def write(self, offset: int, data: memoryview) -> None:
-        """`data` is the payload's bytes [offset, offset + len(data)); raise FedskyError to
-        refuse the message (the stream is then cut with that reason)."""
-        ...
-
-    def close(self) -> Any:
-        """The last byte arrived; the return value becomes `Message.result`."""
-        ...
 
 
 @dataclass

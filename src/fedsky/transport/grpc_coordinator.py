@@ -37,8 +37,8 @@ from fedsky import certs
 from fedsky.certs import Peer, TlsFiles
 from fedsky.errors import FedskyError
 from fedsky.transport import channel, frames
-from fedsky.transport.base import Reply
-from fedsky.transport.frames import Kind, Message, Partial, PayloadSink
+from fedsky.transport.base import PayloadSink, Reply
+from fedsky.transport.frames import Kind, Message, Partial
 
 log = logging.getLogger("fedsky.transport")
 

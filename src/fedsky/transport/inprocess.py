@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from fedsky.accounting import Link, transfer_seconds
 from fedsky.errors import FedskyError
-from fedsky.transport.base import Reply, SiteFactory, SiteHandler
+from fedsky.transport.base import PayloadSink, Reply, SiteFactory, SiteHandler
+
+_SINK_CHUNK_BYTES = 1 << 20  # a sink takes a reply in pieces of this size, as over gRPC
 
 log = logging.getLogger("fedsky.transport")
 
@@ -33,10 +36,12 @@ class InProcessTransport:
         return list(sites)
 
     def exchange(
-        self, round_idx: int, tasks: Mapping[str, bytes], deadline_s: float
-    ) -> dict[str, bytes]:
-        """Runs each site to completion; a site slower than the deadline is dropped after it."""
-        replies: dict[str, bytes] = {}
+        self, round_idx: int, tasks: Mapping[str, bytes], deadline_s: float,
+        sink: Callable[[str], PayloadSink] | None = None,
+    ) -> dict[str, Any]:
+        """Runs each site to completion; a site slower than the deadline is dropped after it.
+        With `sink`, each reply is fed to `sink(site)` in 1 MiB pieces (see GrpcTransport)."""
+        replies: dict[str, Any] = {}
         for site, task in tasks.items():
             start = time.perf_counter()
             try:
@@ -51,7 +56,7 @@ class InProcessTransport:
                     round_idx, site, elapsed, deadline_s,
                 )
                 continue
-            replies[site] = reply
+            replies[site] = reply if sink is None else _feed(sink(site), reply)
         return replies
 
     def reject(self, round_idx: int, site: str, reason: str) -> None:
@@ -84,3 +89,10 @@ class InProcessTransport:
     def close(self) -> None:
         self._handlers.clear()
         self._replies.clear()
+
+
+def _feed(sink: PayloadSink, payload: bytes) -> Any:
+    view = memoryview(payload)
+    for start in range(0, len(payload), _SINK_CHUNK_BYTES):
+        sink.write(start, view[start : start + _SINK_CHUNK_BYTES])
+    return sink.close()
