@@ -139,7 +139,7 @@ def test_a_streamed_run_gives_the_buffered_result(tmp_path: Path, corpus_file: P
     a minute of this 2-core machine)."""
     from conftest import tiny_job  # here: the memory test's processes need not import these
 
-    from fedsky.checkpoint import load_checkpoint
+    from fedsky.checkpoint import checkpoint_info, load_checkpoint
     from fedsky.config import load_job
     from fedsky.metrics import read_metrics
     from fedsky.runner import run_federated
@@ -159,6 +159,9 @@ def test_a_streamed_run_gives_the_buffered_result(tmp_path: Path, corpus_file: P
     assert [r["bytes_up"] for r in streamed] == [r["bytes_up"] for r in buffered]
     assert [r["participants"] for r in streamed] == [["a", "b", "c"]] * 2
     assert all(r["sites"][s]["weight"] > 0 for r in streamed for s in "abc")
+    # the checkpoint says who contributed to the round it holds
+    info = checkpoint_info(tmp_path / "streamed" / "checkpoint.safetensors")
+    assert info == {"contributors": ["a", "b", "c"], "dropped": []}
 
 
 # ---- the coordinator's memory, measured in a real process ---------------------------------

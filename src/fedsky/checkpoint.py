@@ -1,7 +1,15 @@
 """Atomic checkpoints: global tensors plus strategy state, in one safetensors file.
 
 Strategy state may nest dicts and lists (a torch optimizer's state_dict does); tensors are
-stored by path and the rest of the structure as JSON in the file's metadata.
+stored by path and the rest of the structure as JSON in the file's metadata. What the state
+holds: the server optimizer's state_dict (FedOpt), and with [privacy] the accountant's events,
+the adaptive clip and the sites' privacy reports, from which the central noise generator is
+reseeded (secure mode draws it from the OS instead, by design). Beside it, `info` records which
+sites contributed to the round (`checkpoint_info`). Nothing else needs saving for synchronous
+rounds: site sampling is seeded by (seed, round) and secure-aggregation keys are fresh each
+round. Not held: an async run's buffer (async runs cannot --resume), a CKKS context (the sites
+get a new one when a resumed run starts) and the sites' own state (their error-feedback
+residuals and optimizers live at the sites).
 """
 
 from __future__ import annotations
@@ -48,14 +56,17 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def save_checkpoint(
-    path: Path, round_idx: int, params: dict[str, torch.Tensor], state: dict[str, Any]
+    path: Path, round_idx: int, params: dict[str, torch.Tensor], state: dict[str, Any],
+    info: dict[str, Any] | None = None,
 ) -> None:
-    """Write to a temporary file and rename, so a crash never leaves a half checkpoint."""
+    """Write to a temporary file and rename, so a crash never leaves a half checkpoint.
+    `info`: JSON-able facts about the round (which sites contributed), for `checkpoint_info`."""
     tensors = {f"global/{k}": v.detach().cpu().contiguous() for k, v in params.items()}
     skeleton = _flatten(state, "state", tensors)
     tmp = path.with_suffix(".tmp")
     # safetensors sorts names; the order matters (a server optimizer's state is by position).
-    meta = {"round": str(round_idx), "state": json.dumps(skeleton), "order": json.dumps(list(params))}
+    meta = {"round": str(round_idx), "state": json.dumps(skeleton),
+            "order": json.dumps(list(params)), "info": json.dumps(info or {})}
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)
 
@@ -70,3 +81,11 @@ def load_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str,
     params = {k: tensors[f"global/{k}"] for k in json.loads(meta["order"])}
     state = _unflatten(json.loads(meta["state"]), tensors)
     return int(meta["round"]), params, state
+
+
+def checkpoint_info(path: Path) -> dict[str, Any]:
+    """The `info` a checkpoint was saved with ({} for one written without)."""
+    if not path.is_file():
+        raise FedskyError(f"no checkpoint at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata().get("info", "{}"))

@@ -245,7 +245,8 @@ def run_rounds(
         ctx.log.round(rec)
         # After the metrics line: a crash in between leaves the checkpoint one round behind,
         # and resuming redoes that round (its metrics line is replaced).
-        save_checkpoint(ctx.checkpoint_path, r, global_params, state)
+        save_checkpoint(ctx.checkpoint_path, r, global_params, state,
+                        {"contributors": rec["participants"], "dropped": dropped})
         if stop is not None:  # the privacy budget would not survive another round
             ctx.log.info(stop)
             break
