@@ -150,10 +150,10 @@ class SiteStream:
             self.error = str(err)
 
     def close(self) -> Streamed:
-        if self.error is None:
-            if self.values_at is None or self.carry or self.folded != 4 * self.n:
-                self.error = (f"update from {self.site} is truncated: {self.folded} of "
-                              f"{4 * self.n} value bytes")
+        if self.error is None and (self.values_at is None or self.carry
+                                   or self.folded != 4 * self.n):
+            self.error = (f"update from {self.site} is truncated: {self.folded} of "
+                          f"{4 * self.n} value bytes")
         self.result = Streamed(self.site, self.header, self.error, self.folded, self.received)
         return self.result
 
