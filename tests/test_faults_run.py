@@ -244,8 +244,8 @@ def test_the_coordinator_killed_mid_run_resumes_to_the_uninterrupted_result(
         assert done_before < 3, "all rounds ended before the kill: nothing left to resume"
         second = launch([*coordinator_cmd, "--resume"], "coordinator-2")
         assert second.wait(timeout=400) == 0, (logs / "coordinator-2.log").read_text()
-        for w in workers:  # the sites reconnected to the new coordinator and saw it finish
-            assert w.wait(timeout=120) == 0
+        for w, s in zip(workers, "abc"):  # they reconnected to the new coordinator, saw it end
+            assert w.wait(timeout=120) == 0, (logs / f"site-{s}.log").read_text()[-3000:]
     finally:
         for proc in [first, *workers]:
             if proc.poll() is None:
