@@ -234,7 +234,8 @@ def test_the_coordinator_killed_mid_run_resumes_to_the_uninterrupted_result(
                for s in ("a", "b", "c")]
     try:
         deadline = time.monotonic() + 400
-        while not (out / "metrics.jsonl").is_file() or not read_metrics(out):
+        # Round 0's checkpoint is written just after its metrics line: wait for both.
+        while not (out / "checkpoint.safetensors").is_file() or not read_metrics(out):
             assert first.poll() is None, (logs / "coordinator-1.log").read_text()
             assert time.monotonic() < deadline, "the first round never finished"
             time.sleep(0.02)
