@@ -48,12 +48,13 @@ def audit_run(run_dir: Path | str, candidates: int = 1000, max_records: int = 25
     job = parse_job(json.loads((run / "config.json").read_text()), str(run / "config.json"))
     meta, lines = read_trace(run)
     truth = read_truth(run)
-    corpus = load_job_corpus(job, None)
-    tok = job_tokenizer(job, None, corpus)
+    job_dir = Path(truth["job_dir"]) if truth.get("job_dir") else None
+    corpus = load_job_corpus(job, job_dir)
+    tok = job_tokenizer(job, job_dir, corpus)
     vocab = vocab_size(tok)
     model = build_model(job.model, vocab, job.seed)
     initial = trainable_state(model)
-    docs = site_documents(job, None, corpus)
+    docs = site_documents(job, job_dir, corpus)
     names = [s.name for s in job.sites]
     raw = {s: sequences(docs[s], tok, job.training.seq_len) for s in names}
     trained = {s: site_training(job, s, raw[s], tok) for s in names}
@@ -133,8 +134,8 @@ def _token_scores(job: JobConfig, meta: dict[str, Any], lines: list[dict[str, An
             tensors, header = unpack(blob(run, line["sha256"]))
             delta = codec.decode(tensors, header["codec"], like)
             rows = {n: delta[n] for n in names}
-        score = sum(attacks.row_scores(rows[n]) / max(float(attacks.row_scores(rows[n]).median()),
-                                                      1e-30) for n in names)
+        parts = [attacks.row_scores(rows[n]) for n in names]  # each (V,)
+        score = sum(p / max(float(p.median()), 1e-30) for p in parts)
         out.setdefault(line["site"], []).append(score)
     return out
 

@@ -98,13 +98,15 @@ def site_training(job: JobConfig, site: str, seqs: Batch, tok: Any) -> Batch:
     return seqs
 
 
-def write_truth(out_dir: Path, job: JobConfig) -> Path:
-    """OUTPUT_DIR/audit/truth.json: the canaries and where they are; no site data."""
+def write_truth(out_dir: Path, job: JobConfig, job_dir: Path | None = None) -> Path:
+    """OUTPUT_DIR/audit/truth.json: the canaries and where they are, and the job's folder
+    (relative data paths resolve against it); no site data."""
     cfg = job.audit.canaries if job.audit is not None else None
     truth = {
         "canary_site": cfg.site if cfg is not None else None,
         "canaries": [asdict(c) for c in make_canaries(job)],
         "holdout": job.audit.holdout if job.audit is not None else 0.0,
+        "job_dir": str(job_dir) if job_dir is not None else None,
     }
     path = Path(out_dir) / "audit" / TRUTH
     path.parent.mkdir(parents=True, exist_ok=True)

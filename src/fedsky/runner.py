@@ -151,7 +151,7 @@ def run_federated(
     transport: Transport = (grpc_transport(job, security) if security is not None
                             else InProcessTransport(factory or site_factory(), emulated))
     if job.audit is not None:  # the coordinator's view, as it receives it
-        transport = audited(job, transport, resume)
+        transport = audited(job, job_dir, transport, resume)
     procs: list[subprocess.Popen] = []
     runlog: RunLog | None = None
     try:
@@ -200,14 +200,15 @@ def run_federated(
     return _finish(p, global_params, f"federated-{transport_kind}", started)
 
 
-def audited(job: JobConfig, transport: Transport, resume: bool) -> Transport:
+def audited(job: JobConfig, job_dir: Path | None, transport: Transport,
+            resume: bool) -> Transport:
     """Wrap the coordinator's transport in the audit recorder; write the audit's truth."""
     out_dir = Path(job.output_dir)
     phases = (*PHASES, "", *SETUP_PHASES)
     meta = trace_meta(job.secure is not None, job.strategy.name in ASYNC_STRATEGIES, phases)
     trace = AuditTrace(out_dir, meta, job.audit.downlink if job.audit else True,
                        start_fresh=not resume)
-    write_truth(out_dir, job)
+    write_truth(out_dir, job, job_dir)
     return AuditedTransport(transport, trace)
 
 
@@ -311,7 +312,7 @@ def run_centralized(job: JobConfig, job_dir: Path | None) -> dict[str, Any]:
     per_round = (job.coordinator.sites_per_round or len(job.sites)) * job.training.local_steps
     if job.audit is not None:  # no coordinator: the trace is empty, the model is audited
         AuditTrace(p.out_dir, {"tags": "centralized"}).close()
-        write_truth(p.out_dir, job)
+        write_truth(p.out_dir, job, job_dir)
     runlog = RunLog(p.out_dir, job.rounds, f"{job.name} (centralized)")
     runlog.info(f"centralized: {len(pooled)} pooled sequences, {per_round} steps per round")
     if job.privacy is not None:
