@@ -292,6 +292,25 @@ def certs_revoke(name: Annotated[str, typer.Argument(help="The site to shut out"
     print(f"revoked site {name} (serial {serial:x}) in {directory / 'revoked.txt'}")
 
 
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="A run's output_dir, run with audit = true")],
+    candidates: Annotated[int, typer.Option(
+        help="Random secrets each canary is ranked against (exposure tops out at log2(N+1))"
+    )] = 1000,
+    records: Annotated[int, typer.Option(
+        help="Members and held-out records per site for membership inference")] = 256,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the JSON, not the table")] = False,
+) -> None:
+    """Attack a recorded run as the coordinator: token sets from the updates, canary exposure
+    and membership inference on the released model, and each site's data leakage rate
+    (written to RUN_DIR/audit/report.json)."""
+    from fedsky.audit import audit_run, format_table
+
+    result = audit_run(run_dir, candidates, records)
+    print(json.dumps(result, indent=2) if json_out else format_table(result), end="")
+
+
 privacy_app = typer.Typer(no_args_is_help=True, help="Differential privacy tools.")
 app.add_typer(privacy_app, name="privacy")
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from fedsky.config_audit import AuditConfig, check_audit, coerce_audit
 from fedsky.config_base import Strict
 from fedsky.config_secure import SecureConfig, check_secure
 from fedsky.errors import FedskyError
@@ -513,6 +514,12 @@ class JobConfig(Strict):
     tracking: TrackingConfig | None = None
     privacy: PrivacyConfig | None = None
     secure: SecureConfig | None = None  # secure aggregation / encryption (fedsky.secure_round)
+    audit: AuditConfig | None = None  # record the coordinator's view (fedsky.audit_trace)
+
+    @field_validator("audit", mode="before")
+    @classmethod
+    def _audit_flag(cls, value: Any) -> Any:
+        return coerce_audit(value)
 
     @field_validator("sites")
     @classmethod
@@ -555,6 +562,8 @@ class JobConfig(Strict):
                                  "[secure] the coordinator never sees one site's update")
         if self.strategy.name in ASYNC_STRATEGIES:
             _check_async(self)
+        if self.audit is not None:
+            check_audit(self)
         return self
 
 

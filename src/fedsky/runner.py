@@ -21,6 +21,8 @@ import torch
 from fedsky.accounting import links
 from fedsky.async_loop import RealClock, VirtualClock, run_async
 from fedsky.async_strategies import make_async_strategy
+from fedsky.audit_trace import AuditedTransport, AuditTrace, trace_meta
+from fedsky.canaries import write_truth
 from fedsky.certs import TlsFiles, throwaway_pki
 from fedsky.checkpoint import load_checkpoint, save_checkpoint
 from fedsky.codecs import make_codec
@@ -39,6 +41,7 @@ from fedsky.model import (
     pick_device,
     trainable_state,
 )
+from fedsky.secure_site import PHASES, SETUP_PHASES
 from fedsky.site import make_setup, site_factory
 from fedsky.strategies import make_strategy
 from fedsky.training import make_optimizer, train_steps
@@ -147,6 +150,8 @@ def run_federated(
     security = grpc_security(job, tokens, external) if transport_kind == "grpc" else None
     transport: Transport = (grpc_transport(job, security) if security is not None
                             else InProcessTransport(factory or site_factory(), emulated))
+    if job.audit is not None:  # the coordinator's view, as it receives it
+        transport = audited(job, job_dir, transport, resume)
     procs: list[subprocess.Popen] = []
     runlog: RunLog | None = None
     try:
@@ -193,6 +198,18 @@ def run_federated(
             runlog.close()
         _reap(procs)
     return _finish(p, global_params, f"federated-{transport_kind}", started)
+
+
+def audited(job: JobConfig, job_dir: Path | None, transport: Transport,
+            resume: bool) -> Transport:
+    """Wrap the coordinator's transport in the audit recorder; write the audit's truth."""
+    out_dir = Path(job.output_dir)
+    phases = (*PHASES, "", *SETUP_PHASES)
+    meta = trace_meta(job.secure is not None, job.strategy.name in ASYNC_STRATEGIES, phases)
+    trace = AuditTrace(out_dir, meta, job.audit.downlink if job.audit else True,
+                       start_fresh=not resume)
+    write_truth(out_dir, job, job_dir)
+    return AuditedTransport(transport, trace)
 
 
 def new_tokens(job: JobConfig) -> dict[str, str]:
@@ -293,6 +310,9 @@ def run_centralized(job: JobConfig, job_dir: Path | None) -> dict[str, Any]:
     (p.out_dir / "config.json").write_text(job.model_dump_json(indent=2))
     pooled = concat(list(site_sequences(job, job_dir, p.corpus, p.tokenizer).values()))
     per_round = (job.coordinator.sites_per_round or len(job.sites)) * job.training.local_steps
+    if job.audit is not None:  # no coordinator: the trace is empty, the model is audited
+        AuditTrace(p.out_dir, {"tags": "centralized"}).close()
+        write_truth(p.out_dir, job, job_dir)
     runlog = RunLog(p.out_dir, job.rounds, f"{job.name} (centralized)")
     runlog.info(f"centralized: {len(pooled)} pooled sequences, {per_round} steps per round")
     if job.privacy is not None:

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fedsky.canaries import site_training
 from fedsky.config import JobConfig
 from fedsky.data import (
     Batch,
@@ -110,6 +111,8 @@ def site_sequences(
     out = {}
     for name, docs in site_documents(job, job_dir, corpus, names).items():
         seqs = sequences(docs, tok, job.training.seq_len)
+        if job.audit is not None and len(seqs):  # held-out rows out, canaries in
+            seqs = site_training(job, name, seqs, tok)
         if len(seqs) == 0:
             raise FedskyError(
                 f"site {name} has 0 training sequences of {job.training.seq_len} tokens "
