@@ -3,6 +3,7 @@ staleness drops, site profiles and presets, config rules, and a gRPC run that lo
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_job
-from fedsky.accounting import task_seconds
+from fedsky.accounting import site_local_steps, task_seconds
 from fedsky.async_loop import RealClock, run_async
 from fedsky.async_strategies import Arrival, FedAsync, FedBuff, make_async_strategy, mix
 from fedsky.async_strategies import staleness_weight as s
@@ -30,7 +31,7 @@ from fedsky.metrics import RunLog, read_metrics
 from fedsky.model import trainable_state
 from fedsky.profiles import PRESETS, REFERENCE_TOKENS_PER_S
 from fedsky.runner import grpc_security, grpc_transport, prepare, run_federated, spawn_workers
-from fedsky.site import make_setup
+from fedsky.site import make_setup, site_factory
 from fedsky.strategies import FedOpt, SiteUpdate
 
 # Measured times: everything else in an async simulation's records must repeat exactly.
@@ -151,9 +152,20 @@ def test_invalid_async_combinations_are_rejected_at_load(tmp_path: Path,
         load_job(path, ["strategy.server={nesterov=true}"])
     with pytest.raises(FedskyError, match="strategy.fedasync.staleness.fn"):
         load_job(path, ['strategy={name="fedasync", staleness={fn="linear"}}'])
-    job, job_dir = load_job(path)
-    with pytest.raises(FedskyError, match="--resume is not supported"):
-        run_federated(job, job_dir, "inprocess", resume=True)
+    with pytest.raises(FedskyError, match="local_steps_by_speed applies to asynchronous"):
+        load_job(path, ['strategy={name="fedavg"}', "training.local_steps_by_speed=true"])
+
+
+def test_local_steps_by_speed_are_proportional_to_tokens_per_second(
+        tmp_path: Path, corpus_file: Path) -> None:
+    path = tiny_job(tmp_path, corpus_file, FEDBUFF)
+    speeds = ["sites.0.profile={compute=2}", "sites.1.profile={tokens_per_s=5000}",
+              "sites.2.profile={compute=0.01}", "training.local_steps=10"]
+    job, _ = load_job(path, speeds)
+    assert [site_local_steps(job, i) for i in range(3)] == [10, 10, 10]  # off: all the same
+    job, _ = load_job(path, [*speeds, "training.local_steps_by_speed=true"])
+    # 20,000, 5,000 and 100 tokens/s: 10 * 1, 10 * 0.25 (2.5 rounds to 2), at least 1
+    assert [site_local_steps(job, i) for i in range(3)] == [10, 2, 1]
 
 
 def test_the_async_example_loads() -> None:
@@ -255,11 +267,11 @@ def test_async_over_grpc_goes_on_after_a_site_is_killed(tmp_path: Path,
     class KillBeforeSecondTask(RealClock):
         """The victim dies the moment it is due its second task: after one arrival, always."""
 
-        def send(self, site: str, tag: int, task: bytes) -> bool:
+        def send(self, site: str, tag: int, task: bytes, sent_at: float | None = None) -> bool:
             if site == "c" and tag >= 1 and victim.poll() is None:
                 victim.kill()
                 victim.wait()
-            return super().send(site, tag, task)
+            return super().send(site, tag, task, sent_at)
 
     try:
         joined = transport.start(["a", "b", "c"], make_setup(job, job_dir, p.tokenizer))
@@ -284,3 +296,82 @@ def test_async_over_grpc_goes_on_after_a_site_is_killed(tmp_path: Path,
     assert "virtual_time_s" not in records[-1]  # real time over gRPC
     assert math.isfinite(records[-1]["eval_loss"]) and records[-1]["version"] > 0
     assert victim.returncode != 0 and [q.returncode for q in procs[:2]] == [0, 0]
+
+
+def test_slow_sites_train_fewer_steps_and_the_budget_counts_steps(
+        tmp_path: Path, corpus_file: Path) -> None:
+    summary, records = _run(tmp_path, corpus_file, FEDBUFF + "buffer_size = 2\n",
+                            "sites.2.profile={compute=0.25}", "training.local_steps=4",
+                            "training.local_steps_by_speed=true", rounds=3)
+    per_step = 4 * 32  # batch_size x seq_len tokens
+    tokens = {x: [r["sites"][x]["tokens"] / r["sites"][x]["updates"] for r in records
+                  if x in r["sites"]] for x in "abc"}
+    assert set(tokens["a"]) == set(tokens["b"]) == {4 * per_step}
+    assert set(tokens["c"]) == {1 * per_step}  # 4 x 0.25
+    # the budget is 3 rounds x 3 sites x 4 steps; the short tasks make up the steps
+    total = sum(i["tokens"] for r in records for i in r["sites"].values())
+    assert total == 3 * 3 * 4 * per_step
+    assert len(records) == 3 and summary["versions"] == records[-1]["version"]
+    arrivals = [a for r in records for a in r["arrivals"]]
+    assert len(arrivals) > 9 and sum(a["site"] == "c" for a in arrivals) >= 3
+
+
+class Crash(RuntimeError):
+    """The coordinator process dies: nothing catches this."""
+
+
+def _crash_after(n_tasks: int):
+    """A site factory whose sites take `n_tasks` tasks between them, then the run dies."""
+    inner = site_factory()
+    count = itertools.count(1)
+
+    def factory(name: str, setup: bytes):
+        handler = inner(name, setup)
+
+        def handle(task: bytes) -> bytes:
+            if next(count) > n_tasks:
+                raise Crash(f"the coordinator died while {name} trained")
+            return handler(task)
+        return handle
+    return factory
+
+
+@pytest.mark.parametrize("strategy", [
+    FEDBUFF + 'buffer_size = 4\nserver = { optimizer = "sgd", lr = 1.2, momentum = 0.9, '
+    'nesterov = true }\n',
+    '\n[strategy]\nname = "fedasync"\nalpha = 0.6\n',
+])
+def test_a_resumed_virtual_time_run_ends_with_the_uninterrupted_runs_model(
+        tmp_path: Path, corpus_file: Path, strategy: str) -> None:
+    setup = ["sites.0.profile={compute=2, latency_ms=5}",
+             "sites.2.profile={compute=0.5, bandwidth_mbps=50, latency_ms=20}"]
+    _, whole = _run(tmp_path / "whole", corpus_file, strategy, *setup, rounds=4)
+    job, job_dir = load_job(tiny_job(tmp_path / "cut", corpus_file, "threads = 1\n" + strategy,
+                                     rounds=4), setup)
+    with pytest.raises(Crash):  # mid-window, with a buffer part-filled and tasks in flight
+        run_federated(job, job_dir, "inprocess", factory=_crash_after(10))
+    out = Path(job.output_dir)
+    done, _, state = load_checkpoint(out / "checkpoint.safetensors")
+    assert done == 1 and len(read_metrics(out)) == 2
+    assert state["loop"]["inflight"]  # there is something to send again
+    if "buffer" in state["strategy"]:  # 6 arrivals: one server step, 2 updates buffered
+        assert len(state["strategy"]["buffer"]) == 2
+        assert state["strategy"]["server"]["optimizer"]["state"]  # momentum to carry over
+    summary = run_federated(job, job_dir, "inprocess", resume=True)
+    resumed = read_metrics(out)
+    # The same arrivals at the same virtual times, the same versions and losses; only the
+    # bytes differ (the resumed coordinator sent the tasks in flight again).
+    same = ("round", "arrivals", "version", "eval_loss", "virtual_clock_s", "bytes_up")
+    assert [{k: r[k] for k in same} for r in resumed] == [{k: r[k] for k in same} for r in whole]
+    p_whole = load_checkpoint(tmp_path / "whole" / "out" / "checkpoint.safetensors")[1]
+    p_resumed = load_checkpoint(out / "checkpoint.safetensors")[1]
+    assert all(torch.equal(p_whole[k], p_resumed[k]) for k in p_whole)
+    assert summary["versions"] == whole[-1]["version"] > 0
+
+
+def test_resume_refuses_a_checkpoint_of_the_other_kind_of_run(
+        tmp_path: Path, corpus_file: Path) -> None:
+    _run(tmp_path, corpus_file, "", rounds=1)  # synchronous FedAvg
+    job, job_dir = load_job(tmp_path / "job.toml", ['strategy={name="fedbuff"}'])
+    with pytest.raises(FedskyError, match="from a synchronous run; strategy 'fedbuff' cannot"):
+        run_federated(job, job_dir, "inprocess", resume=True)

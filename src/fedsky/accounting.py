@@ -73,6 +73,18 @@ def tokens_per_second(profile: SiteProfile) -> float:
     return profile.tokens_per_s or profile.compute * REFERENCE_TOKENS_PER_S
 
 
+def site_local_steps(job: JobConfig, index: int) -> int:
+    """Optimizer steps per task of site `index`: `local_steps`, or with
+    `training.local_steps_by_speed` in proportion to its speed (the fastest site runs
+    `local_steps`; DyLU, Liu et al. 2024, "Asynchronous Local-SGD Training for Language
+    Modeling"), at least 1."""
+    steps = job.training.local_steps
+    if not job.training.local_steps_by_speed:
+        return steps
+    speeds = [tokens_per_second(s.profile) for s in job.sites]
+    return max(1, round(steps * speeds[index] / max(speeds)))
+
+
 def task_seconds(profile: SiteProfile, tokens: int, down_bytes: int, up_bytes: int) -> float:
     """Virtual time of one task at a site: receive the model, train `tokens`, send the update.
 

@@ -141,6 +141,11 @@ class TrainingConfig(Strict):
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     local_steps: int = Field(10, gt=0)
+    # Asynchronous strategies: local steps proportional to compute speed (DyLU, Liu et al.
+    # 2024). The fastest site (tokens/s) runs `local_steps` steps per task, another
+    # round(local_steps * its speed / the fastest's), at least 1; slow sites' updates then
+    # take about as long to compute as fast sites' and arrive less stale.
+    local_steps_by_speed: bool = False
     batch_size: int = Field(16, gt=0)  # sequences per optimizer step, over all of a site's ranks
     # Micro-batches per optimizer step: batch_size / (grad_accum x ranks) sequences each, their
     # gradients summed before the step (the same step as one full batch, in less memory).
@@ -555,6 +560,10 @@ class JobConfig(Strict):
                                  "[secure] the coordinator never sees one site's update")
         if self.strategy.name in ASYNC_STRATEGIES:
             _check_async(self)
+        elif self.training.local_steps_by_speed:
+            raise ValueError("training.local_steps_by_speed applies to asynchronous strategies "
+                             f"({', '.join(ASYNC_STRATEGIES)}); a synchronous round trains "
+                             "every site for local_steps")
         return self
 
 
