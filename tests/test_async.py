@@ -114,6 +114,35 @@ def test_fedbuff_steps_the_server_optimizer_every_k_updates_on_their_scaled_mean
         torch.testing.assert_close(params[k], expected[k], rtol=0, atol=1e-7)
 
 
+def test_delayed_nesterov_over_k_fresh_updates_is_one_nesterov_step_on_their_mean() -> None:
+    server = FedOptConfig(optimizer="sgd", lr=0.7, momentum=0.9, nesterov=True,
+                          weighting="uniform")
+    strat = FedBuff(FedBuffConfig(buffer_size=3, delayed_nesterov=True, server=server), 3)
+    gen = torch.Generator().manual_seed(0)
+    x = {"w": torch.randn(4, generator=gen), "b": torch.randn(2, generator=gen)}
+    state, params, oracle, oracle_state = strat.init_state(x), x, x, {}
+    for step in range(2):  # the second step carries momentum
+        deltas = [{k: torch.randn(v.shape, generator=gen) for k, v in x.items()}
+                  for _ in range(3)]
+        for i, d in enumerate(deltas):
+            before = params
+            params, state, stepped = strat.receive(params, Arrival(_update("abc"[i], d),
+                                                                   oracle, 0), state)
+            assert stepped  # every arrival is a version: the site gets it at once
+            if i < 2:  # lr / K of the delta, no momentum yet
+                for k in x:
+                    torch.testing.assert_close(params[k], before[k] + 0.7 / 3 * d[k])
+        oracle, oracle_state = FedOpt(server).aggregate(
+            oracle, [_update("abc"[i], d) for i, d in enumerate(deltas)], oracle_state)
+        for k in x:
+            torch.testing.assert_close(params[k], oracle[k], rtol=0, atol=1e-6)
+        assert state["count"] == 0
+    # staleness scales the update: a 3-versions-old one counts s(3) = 1/2 (polynomial, a = 0.5)
+    d = {k: torch.ones_like(v) for k, v in x.items()}
+    moved, _, _ = strat.receive(params, Arrival(_update("a", d), oracle, 3), state)
+    torch.testing.assert_close(moved["w"], params["w"] + 0.7 / 3 * 0.5)
+
+
 def test_task_seconds_is_download_plus_compute_plus_upload() -> None:
     p = SiteProfile(tokens_per_s=1000, bandwidth_mbps=8, latency_ms=10)
     # 1 MB down at 8 Mbit/s = 1 s; 500 tokens at 1000/s = 0.5 s; 2 MB up = 2 s; 2 x 10 ms
@@ -152,6 +181,8 @@ def test_invalid_async_combinations_are_rejected_at_load(tmp_path: Path,
         load_job(path, ["strategy.server={nesterov=true}"])
     with pytest.raises(FedskyError, match="strategy.fedasync.staleness.fn"):
         load_job(path, ['strategy={name="fedasync", staleness={fn="linear"}}'])
+    with pytest.raises(FedskyError, match="delayed_nesterov needs server"):
+        load_job(path, ["strategy.delayed_nesterov=true"])
     with pytest.raises(FedskyError, match="local_steps_by_speed applies to asynchronous"):
         load_job(path, ['strategy={name="fedavg"}', "training.local_steps_by_speed=true"])
 
@@ -339,6 +370,8 @@ def _crash_after(n_tasks: int):
 @pytest.mark.parametrize("strategy", [
     FEDBUFF + 'buffer_size = 4\nserver = { optimizer = "sgd", lr = 1.2, momentum = 0.9, '
     'nesterov = true }\n',
+    FEDBUFF + 'buffer_size = 4\ndelayed_nesterov = true\nserver = { optimizer = "sgd", '
+    'momentum = 0.5, nesterov = true, weighting = "uniform" }\n',
     '\n[strategy]\nname = "fedasync"\nalpha = 0.6\n',
 ])
 def test_a_resumed_virtual_time_run_ends_with_the_uninterrupted_runs_model(
@@ -354,9 +387,13 @@ def test_a_resumed_virtual_time_run_ends_with_the_uninterrupted_runs_model(
     done, _, state = load_checkpoint(out / "checkpoint.safetensors")
     assert done == 1 and len(read_metrics(out)) == 2
     assert state["loop"]["inflight"]  # there is something to send again
-    if "buffer" in state["strategy"]:  # 6 arrivals: one server step, 2 updates buffered
-        assert len(state["strategy"]["buffer"]) == 2
-        assert state["strategy"]["server"]["optimizer"]["state"]  # momentum to carry over
+    strat = state["strategy"]
+    if "buffer" in strat:  # 6 arrivals: one server step, 2 updates buffered
+        assert len(strat["buffer"]) == 2
+        assert strat["server"]["optimizer"]["state"]  # momentum to carry over
+    if "count" in strat:  # delayed Nesterov: momentum once, 2 updates in the running sum
+        assert strat["count"] == 2
+        assert any(v.abs().sum() > 0 for v in strat["momentum"].values())
     summary = run_federated(job, job_dir, "inprocess", resume=True)
     resumed = read_metrics(out)
     # The same arrivals at the same virtual times, the same versions and losses; only the

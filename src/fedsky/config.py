@@ -255,6 +255,20 @@ class FedBuffConfig(Strict):
     staleness: StalenessConfig = StalenessConfig()
     max_staleness: int | None = Field(None, ge=0)
     server: FedOptConfig = FedOptConfig()  # sgd, lr 1: the buffered FedAvg
+    # Delayed Nesterov (Liu et al. 2024, with c = 0): each update is applied at once,
+    # lr / K times its scaled delta, and the server's Nesterov momentum every K arrivals; after
+    # K arrivals from one model that is the buffered step. Needs server sgd with nesterov
+    # momentum and uniform weighting (an update's weight must be known when it arrives).
+    delayed_nesterov: bool = False
+
+    @model_validator(mode="after")
+    def _delayed_nesterov_needs_sgd_nesterov(self) -> FedBuffConfig:
+        srv = self.server
+        if self.delayed_nesterov and not (srv.optimizer == "sgd" and srv.nesterov
+                                          and srv.weighting == "uniform"):
+            raise ValueError("delayed_nesterov needs server = { optimizer = 'sgd', momentum > 0, "
+                             "nesterov = true, weighting = 'uniform' }")
+        return self
 
 
 StrategyConfig = Annotated[
