@@ -195,8 +195,8 @@ def test_local_steps_by_speed_are_proportional_to_tokens_per_second(
     job, _ = load_job(path, speeds)
     assert [site_local_steps(job, i) for i in range(3)] == [10, 10, 10]  # off: all the same
     job, _ = load_job(path, [*speeds, "training.local_steps_by_speed=true"])
-    # 20,000, 5,000 and 100 tokens/s: 10 * 1, 10 * 0.25 (2.5 rounds to 2), at least 1
-    assert [site_local_steps(job, i) for i in range(3)] == [10, 2, 1]
+    # 20,000, 5,000 and 100 tokens/s: 10 * 1, 10 * 0.25 (2.5 rounds up), at least 1
+    assert [site_local_steps(job, i) for i in range(3)] == [10, 3, 1]
 
 
 def test_the_async_example_loads() -> None:

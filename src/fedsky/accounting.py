@@ -7,6 +7,7 @@ round's record and `fedsky.metrics.summarize` totals them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +83,7 @@ def site_local_steps(job: JobConfig, index: int) -> int:
     if not job.training.local_steps_by_speed:
         return steps
     speeds = [tokens_per_second(s.profile) for s in job.sites]
-    return max(1, round(steps * speeds[index] / max(speeds)))
+    return max(1, math.floor(steps * speeds[index] / max(speeds) + 0.5))  # halves round up
 
 
 def task_seconds(profile: SiteProfile, tokens: int, down_bytes: int, up_bytes: int) -> float:

@@ -143,7 +143,7 @@ class TrainingConfig(Strict):
     local_steps: int = Field(10, gt=0)
     # Asynchronous strategies: local steps proportional to compute speed (DyLU, Liu et al.
     # 2024). The fastest site (tokens/s) runs `local_steps` steps per task, another
-    # round(local_steps * its speed / the fastest's), at least 1; slow sites' updates then
+    # local_steps * its speed / the fastest's, rounded, at least 1; slow sites' updates then
     # take about as long to compute as fast sites' and arrive less stale.
     local_steps_by_speed: bool = False
     batch_size: int = Field(16, gt=0)  # sequences per optimizer step, over all of a site's ranks
