@@ -43,6 +43,8 @@ ARMS: dict[str, list[str]] = {  # an arm: its --set overrides
 }
 # `--arms fedavg,sweep`: FedBuff's levers one at a time from the K = 3, server sgd lr 1,
 # polynomial (a = 0.5) default, each run once on seed 0 (README: the sweep and its results).
+# (`time` was added after the others had shown that neither step size nor staleness weights
+# explain the gap.)
 _DN = ("delayed_nesterov=true, server={optimizer='sgd', lr=1.0, momentum=0.5, nesterov=true, "
        "weighting='uniform'}")
 SWEEP: dict[str, list[str]] = {
@@ -55,6 +57,7 @@ SWEEP: dict[str, list[str]] = {
     "fedbuff-k3-speed": ["strategy={name='fedbuff', buffer_size=3}",
                          "training.local_steps_by_speed=true"],
     "fedbuff-k3-dn": [f"strategy={{name='fedbuff', buffer_size=3, {_DN}}}"],
+    "fedbuff-k3-time": ["strategy={name='fedbuff', buffer_size=3, time_weighted=true}"],
 }
 
 

@@ -114,6 +114,26 @@ def test_fedbuff_steps_the_server_optimizer_every_k_updates_on_their_scaled_mean
         torch.testing.assert_close(params[k], expected[k], rtol=0, atol=1e-7)
 
 
+def test_time_weighted_fedbuff_weighs_each_update_by_sequences_times_task_seconds() -> None:
+    strat = FedBuff(FedBuffConfig(buffer_size=3, time_weighted=True,
+                                  staleness=StalenessConfig(fn="polynomial", a=1.0)), 3)
+    x = {"w": torch.tensor([1.0, -2.0])}
+    deltas = [torch.tensor([0.3, 0.0]), torch.tensor([0.0, 0.6]), torch.tensor([-0.9, 0.3])]
+    sizes, seconds, stalenesses = [50, 50, 30], [1.0, 1.0, 4.0], [0, 1, 2]
+    state, params = strat.init_state(x), x
+    for i in range(3):
+        params, state, _ = strat.receive(params, Arrival(
+            _update("aab"[i], {"w": deltas[i]}, sizes[i]), x, stalenesses[i], seconds[i]), state)
+    # sgd lr 1: x + sum(n t s(t) delta) / sum(n t); the slow site's one update weighs 120,
+    # as much as the fast site's two together
+    w = [n * t for n, t in zip(sizes, seconds, strict=True)]
+    mean = sum(wi * d / (t + 1) for wi, d, t in zip(w, deltas, stalenesses, strict=True)) / sum(w)
+    torch.testing.assert_close(params["w"], x["w"] + mean)
+    with pytest.raises(ValueError, match="choose one"):
+        FedBuffConfig(time_weighted=True, delayed_nesterov=True, server=FedOptConfig(
+            momentum=0.5, nesterov=True, weighting="uniform"))
+
+
 def test_delayed_nesterov_over_k_fresh_updates_is_one_nesterov_step_on_their_mean() -> None:
     server = FedOptConfig(optimizer="sgd", lr=0.7, momentum=0.9, nesterov=True,
                           weighting="uniform")

@@ -263,7 +263,8 @@ def run_async(job: JobConfig, clock: Clock, sites: list[str], global_params: Par
                 entry["weight"] = strategy.weight(staleness)
                 win.weights.setdefault(site, []).append(entry["weight"])
                 global_params, state, stepped = strategy.receive(
-                    global_params, Arrival(update, task.base, staleness), state)
+                    global_params, Arrival(update, task.base, staleness,
+                                           clock.now - task.sent_at), state)
                 prog.version += stepped
         win.arrivals.append(entry)
         committed = prog.steps + sum(t.steps for t in inflight.values())

@@ -17,7 +17,7 @@ import torch
 
 from fedsky.config import FedAsyncConfig, FedBuffConfig, StalenessConfig
 from fedsky.errors import FedskyError
-from fedsky.strategies import FedOpt, Params, SiteUpdate
+from fedsky.strategies import FedOpt, Params, SiteUpdate, weighted_mean
 
 
 def staleness_weight(cfg: StalenessConfig, staleness: int) -> float:
@@ -43,6 +43,7 @@ class Arrival:
     update: SiteUpdate  # delta = the site's model - `base`
     base: Params  # the global model the site was sent
     staleness: int  # versions the global model moved on since `base`
+    task_s: float = 1.0  # clock seconds from the task's sending to this arrival
 
 
 class AsyncStrategy(Protocol):
@@ -107,11 +108,17 @@ class FedBuff:
                                           srv.momentum)
             return new, state, True
         # Plain dicts and tensors, so that a checkpoint can hold the buffer.
-        entry = {"site": u.site, "num_samples": u.num_samples,
+        entry = {"site": u.site, "num_samples": u.num_samples, "task_s": arrival.task_s,
                  "delta": {k: s * v for k, v in u.delta.items()}}
         buffer = [*state["buffer"], entry]
         if len(buffer) < self.size:
             return global_params, {**state, "buffer": buffer}, False
+        if self.cfg.time_weighted:
+            by = self.cfg.server.weighting
+            w = [(e["num_samples"] if by == "sequences" else 1.0) * e["task_s"] for e in buffer]
+            mean = weighted_mean([e["delta"] for e in buffer], w)
+            new, server = self.server.step(global_params, mean, state["server"])
+            return new, {"buffer": [], "server": server}, True
         updates = [SiteUpdate(site=e["site"], delta=e["delta"], num_samples=e["num_samples"],
                               tokens=0, train_loss=math.nan, compute_s=0.0) for e in buffer]
         new, server = self.server.aggregate(global_params, updates, state["server"])

@@ -260,10 +260,18 @@ class FedBuffConfig(Strict):
     # K arrivals from one model that is the buffered step. Needs server sgd with nesterov
     # momentum and uniform weighting (an update's weight must be known when it arrives).
     delayed_nesterov: bool = False
+    # Weigh each buffered update also by its task's duration (clock seconds from sending to
+    # arrival): a site that delivers 4x as often then counts 4x less per update, so over time
+    # each site weighs as `server.weighting` says, as in a synchronous round, not in
+    # proportion to its speed. On the virtual clock the durations come from the profiles.
+    time_weighted: bool = False
 
     @model_validator(mode="after")
     def _delayed_nesterov_needs_sgd_nesterov(self) -> FedBuffConfig:
         srv = self.server
+        if self.delayed_nesterov and self.time_weighted:
+            raise ValueError("delayed_nesterov applies each update as it arrives, with weight "
+                             "1 / K; time_weighted needs the buffered mean: choose one")
         if self.delayed_nesterov and not (srv.optimizer == "sgd" and srv.nesterov
                                           and srv.weighting == "uniform"):
             raise ValueError("delayed_nesterov needs server = { optimizer = 'sgd', momentum > 0, "
