@@ -58,6 +58,9 @@ SWEEP: dict[str, list[str]] = {
                          "training.local_steps_by_speed=true"],
     "fedbuff-k3-dn": [f"strategy={{name='fedbuff', buffer_size=3, {_DN}}}"],
     "fedbuff-k3-time": ["strategy={name='fedbuff', buffer_size=3, time_weighted=true}"],
+    # second stage: the best lever (delayed Nesterov) with the other that helped alone
+    "fedbuff-k3-dn-speed": [f"strategy={{name='fedbuff', buffer_size=3, {_DN}}}",
+                            "training.local_steps_by_speed=true"],
 }
 
 
@@ -133,8 +136,8 @@ def main() -> None:
 
 
 def table(results: list[dict[str, Any]], target: float) -> str:
-    def num(v: float | None, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
+    def times(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}x"
 
     lines = [f"virtual time to eval loss <= {target:.4f}", "",
              ("| arm | virtual time to target | speed-up vs sync FedAvg | final eval loss | "
@@ -145,7 +148,7 @@ def table(results: list[dict[str, Any]], target: float) -> str:
         reached = r["time_to_target_s"]
         lines.append(
             f"| {r['arm']} | {'not reached' if reached is None else f'{reached:.1f} s'} | "
-            f"{num(r.get('speedup_vs_fedavg'), '.2f')}x | {r['final_eval_loss']:.4f} | "
+            f"{times(r.get('speedup_vs_fedavg'))} | {r['final_eval_loss']:.4f} | "
             f"{100 * r.get('loss_vs_fedavg', 0):+.2f}% | {r['virtual_time_s']:.1f} s | "
             f"{r['updates']} | {r['versions']} | {r['stale_dropped']} | {r['tokens']:,} | "
             f"{r['bytes_total'] / 1e6:,.0f} MB |")
