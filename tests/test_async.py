@@ -15,7 +15,7 @@ from fedsky.accounting import site_local_steps, task_seconds
 from fedsky.async_loop import RealClock, run_async
 from fedsky.async_strategies import Arrival, FedAsync, FedBuff, make_async_strategy, mix
 from fedsky.async_strategies import staleness_weight as s
-from fedsky.checkpoint import load_checkpoint
+from fedsky.checkpoint import checkpoint_info, load_checkpoint
 from fedsky.codecs import make_codec
 from fedsky.config import (
     FedAsyncConfig,
@@ -407,6 +407,8 @@ def test_a_resumed_virtual_time_run_ends_with_the_uninterrupted_runs_model(
     done, _, state = load_checkpoint(out / "checkpoint.safetensors")
     assert done == 1 and len(read_metrics(out)) == 2
     assert state["loop"]["inflight"]  # there is something to send again
+    assert checkpoint_info(out / "checkpoint.safetensors")["contributors"] == (
+        read_metrics(out)[1]["participants"])
     strat = state["strategy"]
     if "buffer" in strat:  # 6 arrivals: one server step, 2 updates buffered
         assert len(strat["buffer"]) == 2

@@ -276,13 +276,14 @@ def run_async(job: JobConfig, clock: Clock, sites: list[str], global_params: Par
             else:
                 leave(site, "gone before its next task", alive, win)
         if prog.steps >= (prog.records + 1) * per_record:
-            marks = write_record(job, ctx, prog.records, win, global_params, prog.version,
-                                 clock, marks)
-            checkpoint(ctx, prog, global_params, state, alive, inflight, clock)
-            win = Window()
+            rec = write_record(job, ctx, prog.records, win, global_params, prog.version,
+                               clock, marks)
+            checkpoint(ctx, prog, global_params, state, alive, inflight, clock, rec)
+            marks, win = (time.perf_counter(), clock.now), Window()
     if win.arrivals or win.lost:  # the run stopped between records
-        write_record(job, ctx, prog.records, win, global_params, prog.version, clock, marks)
-        checkpoint(ctx, prog, global_params, state, alive, inflight, clock)
+        rec = write_record(job, ctx, prog.records, win, global_params, prog.version, clock,
+                           marks)
+        checkpoint(ctx, prog, global_params, state, alive, inflight, clock, rec)
     return global_params
 
 
@@ -296,12 +297,13 @@ def leave(site: str, reason: str | None, alive: list[str], win: Window) -> None:
 
 def checkpoint(ctx: RoundContext, prog: Progress, global_params: Params,
                state: dict[str, Any], alive: list[str], inflight: dict[str, Task],
-               clock: Clock) -> None:
-    """After record `prog.records`: count it, and save the model, the strategy's state
-    (FedBuff's buffer, its server optimizer) and the loop's (`loop_state`)."""
+               clock: Clock, rec: dict[str, Any]) -> None:
+    """After record `rec` (number `prog.records`): count it, and save the model, the
+    strategy's state (FedBuff's buffer, its server optimizer) and the loop's (`loop_state`)."""
     prog.records += 1
     save_checkpoint(ctx.checkpoint_path, prog.records - 1, global_params,
-                    {"strategy": state, "loop": loop_state(prog, alive, inflight, clock.now)})
+                    {"strategy": state, "loop": loop_state(prog, alive, inflight, clock.now)},
+                    {"contributors": rec["participants"], "dropped": rec["dropped"]})
 
 
 def loop_state(prog: Progress, alive: list[str], inflight: dict[str, Task],
@@ -331,8 +333,8 @@ def restore(saved: dict[str, Any], joined: list[str], global_params: Params
 
 
 def write_record(job: JobConfig, ctx: RoundContext, r: int, win: Window, global_params: Params,
-                 version: int, clock: Clock, marks: tuple[float, float]) -> tuple[float, float]:
-    """Evaluate the current model, log the window as record `r`; new marks."""
+                 version: int, clock: Clock, marks: tuple[float, float]) -> dict[str, Any]:
+    """Evaluate the current model, log the window as record `r` (returned)."""
     t_eval = time.perf_counter()
     load_trainable(ctx.model, global_params)
     ev = evaluate(ctx.model, ctx.eval_data, job.training.batch_size, ctx.device)
@@ -367,7 +369,7 @@ def write_record(job: JobConfig, ctx: RoundContext, r: int, win: Window, global_
         rec["virtual_time_s"] = clock.now - marks[1]  # since the last record
         rec["virtual_clock_s"] = clock.now
     ctx.log.round(rec)
-    return now, clock.now
+    return rec
 
 
 def site_stats(win: Window) -> dict[str, dict[str, Any]]:
