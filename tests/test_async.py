@@ -3,6 +3,7 @@ staleness drops, site profiles and presets, config rules, and a gRPC run that lo
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -10,11 +11,11 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_job
-from fedsky.accounting import task_seconds
+from fedsky.accounting import site_local_steps, task_seconds
 from fedsky.async_loop import RealClock, run_async
 from fedsky.async_strategies import Arrival, FedAsync, FedBuff, make_async_strategy, mix
 from fedsky.async_strategies import staleness_weight as s
-from fedsky.checkpoint import load_checkpoint
+from fedsky.checkpoint import checkpoint_info, load_checkpoint
 from fedsky.codecs import make_codec
 from fedsky.config import (
     FedAsyncConfig,
@@ -30,7 +31,7 @@ from fedsky.metrics import RunLog, read_metrics
 from fedsky.model import trainable_state
 from fedsky.profiles import PRESETS, REFERENCE_TOKENS_PER_S
 from fedsky.runner import grpc_security, grpc_transport, prepare, run_federated, spawn_workers
-from fedsky.site import make_setup
+from fedsky.site import make_setup, site_factory
 from fedsky.strategies import FedOpt, SiteUpdate
 
 # Measured times: everything else in an async simulation's records must repeat exactly.
@@ -113,6 +114,55 @@ def test_fedbuff_steps_the_server_optimizer_every_k_updates_on_their_scaled_mean
         torch.testing.assert_close(params[k], expected[k], rtol=0, atol=1e-7)
 
 
+def test_time_weighted_fedbuff_weighs_each_update_by_sequences_times_task_seconds() -> None:
+    strat = FedBuff(FedBuffConfig(buffer_size=3, time_weighted=True,
+                                  staleness=StalenessConfig(fn="polynomial", a=1.0)), 3)
+    x = {"w": torch.tensor([1.0, -2.0])}
+    deltas = [torch.tensor([0.3, 0.0]), torch.tensor([0.0, 0.6]), torch.tensor([-0.9, 0.3])]
+    sizes, seconds, stalenesses = [50, 50, 30], [1.0, 1.0, 4.0], [0, 1, 2]
+    state, params = strat.init_state(x), x
+    for i in range(3):
+        params, state, _ = strat.receive(params, Arrival(
+            _update("aab"[i], {"w": deltas[i]}, sizes[i]), x, stalenesses[i], seconds[i]), state)
+    # sgd lr 1: x + sum(n t s(t) delta) / sum(n t); the slow site's one update weighs 120,
+    # as much as the fast site's two together
+    w = [n * t for n, t in zip(sizes, seconds, strict=True)]
+    mean = sum(wi * d / (t + 1) for wi, d, t in zip(w, deltas, stalenesses, strict=True)) / sum(w)
+    torch.testing.assert_close(params["w"], x["w"] + mean)
+    with pytest.raises(ValueError, match="choose one"):
+        FedBuffConfig(time_weighted=True, delayed_nesterov=True, server=FedOptConfig(
+            momentum=0.5, nesterov=True, weighting="uniform"))
+
+
+def test_delayed_nesterov_over_k_fresh_updates_is_one_nesterov_step_on_their_mean() -> None:
+    server = FedOptConfig(optimizer="sgd", lr=0.7, momentum=0.9, nesterov=True,
+                          weighting="uniform")
+    strat = FedBuff(FedBuffConfig(buffer_size=3, delayed_nesterov=True, server=server), 3)
+    gen = torch.Generator().manual_seed(0)
+    x = {"w": torch.randn(4, generator=gen), "b": torch.randn(2, generator=gen)}
+    state, params, oracle, oracle_state = strat.init_state(x), x, x, {}
+    for step in range(2):  # the second step carries momentum
+        deltas = [{k: torch.randn(v.shape, generator=gen) for k, v in x.items()}
+                  for _ in range(3)]
+        for i, d in enumerate(deltas):
+            before = params
+            params, state, stepped = strat.receive(params, Arrival(_update("abc"[i], d),
+                                                                   oracle, 0), state)
+            assert stepped  # every arrival is a version: the site gets it at once
+            if i < 2:  # lr / K of the delta, no momentum yet
+                for k in x:
+                    torch.testing.assert_close(params[k], before[k] + 0.7 / 3 * d[k])
+        oracle, oracle_state = FedOpt(server).aggregate(
+            oracle, [_update("abc"[i], d) for i, d in enumerate(deltas)], oracle_state)
+        for k in x:
+            torch.testing.assert_close(params[k], oracle[k], rtol=0, atol=1e-6)
+        assert state["count"] == 0
+    # staleness scales the update: a 3-versions-old one counts s(3) = 1/2 (polynomial, a = 0.5)
+    d = {k: torch.ones_like(v) for k, v in x.items()}
+    moved, _, _ = strat.receive(params, Arrival(_update("a", d), oracle, 3), state)
+    torch.testing.assert_close(moved["w"], params["w"] + 0.7 / 3 * 0.5)
+
+
 def test_task_seconds_is_download_plus_compute_plus_upload() -> None:
     p = SiteProfile(tokens_per_s=1000, bandwidth_mbps=8, latency_ms=10)
     # 1 MB down at 8 Mbit/s = 1 s; 500 tokens at 1000/s = 0.5 s; 2 MB up = 2 s; 2 x 10 ms
@@ -151,9 +201,22 @@ def test_invalid_async_combinations_are_rejected_at_load(tmp_path: Path,
         load_job(path, ["strategy.server={nesterov=true}"])
     with pytest.raises(FedskyError, match="strategy.fedasync.staleness.fn"):
         load_job(path, ['strategy={name="fedasync", staleness={fn="linear"}}'])
-    job, job_dir = load_job(path)
-    with pytest.raises(FedskyError, match="--resume is not supported"):
-        run_federated(job, job_dir, "inprocess", resume=True)
+    with pytest.raises(FedskyError, match="delayed_nesterov needs server"):
+        load_job(path, ["strategy.delayed_nesterov=true"])
+    with pytest.raises(FedskyError, match="local_steps_by_speed applies to asynchronous"):
+        load_job(path, ['strategy={name="fedavg"}', "training.local_steps_by_speed=true"])
+
+
+def test_local_steps_by_speed_are_proportional_to_tokens_per_second(
+        tmp_path: Path, corpus_file: Path) -> None:
+    path = tiny_job(tmp_path, corpus_file, FEDBUFF)
+    speeds = ["sites.0.profile={compute=2}", "sites.1.profile={tokens_per_s=5000}",
+              "sites.2.profile={compute=0.01}", "training.local_steps=10"]
+    job, _ = load_job(path, speeds)
+    assert [site_local_steps(job, i) for i in range(3)] == [10, 10, 10]  # off: all the same
+    job, _ = load_job(path, [*speeds, "training.local_steps_by_speed=true"])
+    # 20,000, 5,000 and 100 tokens/s: 10 * 1, 10 * 0.25 (2.5 rounds up), at least 1
+    assert [site_local_steps(job, i) for i in range(3)] == [10, 3, 1]
 
 
 def test_the_async_example_loads() -> None:
@@ -255,11 +318,11 @@ def test_async_over_grpc_goes_on_after_a_site_is_killed(tmp_path: Path,
     class KillBeforeSecondTask(RealClock):
         """The victim dies the moment it is due its second task: after one arrival, always."""
 
-        def send(self, site: str, tag: int, task: bytes) -> bool:
+        def send(self, site: str, tag: int, task: bytes, sent_at: float | None = None) -> bool:
             if site == "c" and tag >= 1 and victim.poll() is None:
                 victim.kill()
                 victim.wait()
-            return super().send(site, tag, task)
+            return super().send(site, tag, task, sent_at)
 
     try:
         joined = transport.start(["a", "b", "c"], make_setup(job, job_dir, p.tokenizer))
@@ -284,3 +347,90 @@ def test_async_over_grpc_goes_on_after_a_site_is_killed(tmp_path: Path,
     assert "virtual_time_s" not in records[-1]  # real time over gRPC
     assert math.isfinite(records[-1]["eval_loss"]) and records[-1]["version"] > 0
     assert victim.returncode != 0 and [q.returncode for q in procs[:2]] == [0, 0]
+
+
+def test_slow_sites_train_fewer_steps_and_the_budget_counts_steps(
+        tmp_path: Path, corpus_file: Path) -> None:
+    summary, records = _run(tmp_path, corpus_file, FEDBUFF + "buffer_size = 2\n",
+                            "sites.2.profile={compute=0.25}", "training.local_steps=4",
+                            "training.local_steps_by_speed=true", rounds=3)
+    per_step = 4 * 32  # batch_size x seq_len tokens
+    tokens = {x: [r["sites"][x]["tokens"] / r["sites"][x]["updates"] for r in records
+                  if x in r["sites"]] for x in "abc"}
+    assert set(tokens["a"]) == set(tokens["b"]) == {4 * per_step}
+    assert set(tokens["c"]) == {1 * per_step}  # 4 x 0.25
+    # the budget is 3 rounds x 3 sites x 4 steps; the short tasks make up the steps
+    total = sum(i["tokens"] for r in records for i in r["sites"].values())
+    assert total == 3 * 3 * 4 * per_step
+    assert len(records) == 3 and summary["versions"] == records[-1]["version"]
+    arrivals = [a for r in records for a in r["arrivals"]]
+    assert len(arrivals) > 9 and sum(a["site"] == "c" for a in arrivals) >= 3
+
+
+class Crash(RuntimeError):
+    """The coordinator process dies: nothing catches this."""
+
+
+def _crash_after(n_tasks: int):
+    """A site factory whose sites take `n_tasks` tasks between them, then the run dies."""
+    inner = site_factory()
+    count = itertools.count(1)
+
+    def factory(name: str, setup: bytes):
+        handler = inner(name, setup)
+
+        def handle(task: bytes) -> bytes:
+            if next(count) > n_tasks:
+                raise Crash(f"the coordinator died while {name} trained")
+            return handler(task)
+        return handle
+    return factory
+
+
+@pytest.mark.parametrize("strategy", [
+    FEDBUFF + 'buffer_size = 4\nserver = { optimizer = "sgd", lr = 1.2, momentum = 0.9, '
+    'nesterov = true }\n',
+    FEDBUFF + 'buffer_size = 4\ndelayed_nesterov = true\nserver = { optimizer = "sgd", '
+    'momentum = 0.5, nesterov = true, weighting = "uniform" }\n',
+    '\n[strategy]\nname = "fedasync"\nalpha = 0.6\n',
+])
+def test_a_resumed_virtual_time_run_ends_with_the_uninterrupted_runs_model(
+        tmp_path: Path, corpus_file: Path, strategy: str) -> None:
+    setup = ["sites.0.profile={compute=2, latency_ms=5}",
+             "sites.2.profile={compute=0.5, bandwidth_mbps=50, latency_ms=20}"]
+    _, whole = _run(tmp_path / "whole", corpus_file, strategy, *setup, rounds=4)
+    job, job_dir = load_job(tiny_job(tmp_path / "cut", corpus_file, "threads = 1\n" + strategy,
+                                     rounds=4), setup)
+    with pytest.raises(Crash):  # mid-window, with a buffer part-filled and tasks in flight
+        run_federated(job, job_dir, "inprocess", factory=_crash_after(10))
+    out = Path(job.output_dir)
+    done, _, state = load_checkpoint(out / "checkpoint.safetensors")
+    assert done == 1 and len(read_metrics(out)) == 2
+    assert state["loop"]["inflight"]  # there is something to send again
+    assert checkpoint_info(out / "checkpoint.safetensors")["contributors"] == (
+        read_metrics(out)[1]["participants"])
+    strat = state["strategy"]
+    if "buffer" in strat:  # 6 arrivals: one server step, 2 updates buffered
+        assert len(strat["buffer"]) == 2
+        assert strat["server"]["optimizer"]["state"]  # momentum to carry over
+    if "count" in strat:  # delayed Nesterov: momentum once, 2 updates in the running sum
+        assert strat["count"] == 2
+        assert any(v.abs().sum() > 0 for v in strat["momentum"].values())
+    summary = run_federated(job, job_dir, "inprocess", resume=True)
+    resumed = read_metrics(out)
+    # The same arrivals at the same virtual times, the same versions and losses; only the
+    # bytes differ (the resumed coordinator sent the tasks in flight again).
+    same = ("round", "arrivals", "version", "eval_loss", "virtual_clock_s", "bytes_up")
+    assert [{k: r[k] for k in same} for r in resumed] == [{k: r[k] for k in same} for r in whole]
+    p_whole = load_checkpoint(tmp_path / "whole" / "out" / "checkpoint.safetensors")[1]
+    p_resumed = load_checkpoint(out / "checkpoint.safetensors")[1]
+    assert all(torch.equal(p_whole[k], p_resumed[k]) for k in p_whole)
+    assert summary["versions"] == whole[-1]["version"] > 0
+
+
+def test_resume_refuses_a_checkpoint_of_the_other_kind_of_run(
+        tmp_path: Path, corpus_file: Path) -> None:
+    _run(tmp_path, corpus_file, "", rounds=1)  # synchronous FedAvg
+    job, job_dir = load_job(tmp_path / "job.toml", ['strategy={name="fedbuff"}'])
+    with pytest.raises(FedskyError, match="from a synchronous run; strategy 'fedbuff' cannot"):
+        run_federated(job, job_dir, "inprocess", resume=True)

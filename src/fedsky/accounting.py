@@ -7,6 +7,7 @@ round's record and `fedsky.metrics.summarize` totals them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,18 @@ def links(job: JobConfig) -> dict[str, Link]:
 def tokens_per_second(profile: SiteProfile) -> float:
     """The site's training speed: declared, or relative to `REFERENCE_TOKENS_PER_S`."""
     return profile.tokens_per_s or profile.compute * REFERENCE_TOKENS_PER_S
+
+
+def site_local_steps(job: JobConfig, index: int) -> int:
+    """Optimizer steps per task of site `index`: `local_steps`, or with
+    `training.local_steps_by_speed` in proportion to its speed (the fastest site runs
+    `local_steps`; DyLU, Liu et al. 2024, "Asynchronous Local-SGD Training for Language
+    Modeling"), at least 1."""
+    steps = job.training.local_steps
+    if not job.training.local_steps_by_speed:
+        return steps
+    speeds = [tokens_per_second(s.profile) for s in job.sites]
+    return max(1, math.floor(steps * speeds[index] / max(speeds) + 0.5))  # halves round up
 
 
 def task_seconds(profile: SiteProfile, tokens: int, down_bytes: int, up_bytes: int) -> float:

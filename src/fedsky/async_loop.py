@@ -13,6 +13,15 @@ site's profile and the exact payload sizes (`fedsky.accounting.task_seconds`). T
 the moment its task is sent, on the model of that moment, and arrivals are taken in
 virtual-time order, so an async run's results depend on the job and its seed only, never on
 how busy the host is. `RealClock` (gRPC): arrivals in the order the sites really finish.
+
+The budget is counted in local steps, `rounds * len(job.sites) * local_steps` (with
+`training.local_steps_by_speed` a slow site's tasks are shorter, so arrivals alone would not
+measure it). Each checkpoint holds, besides the model and the strategy's state (FedBuff's
+buffer, the server optimizer), the loop's own: version, arrivals, steps, the clock, and every
+task in flight with the model it carried. A resumed run sends those tasks again, as sent at the
+same clock time, so a virtual-time simulation resumed from any checkpoint ends with the same
+model as the uninterrupted run (sites must keep no state between tasks for that: no
+`keep_optimizer`, no error-feedback codec).
 """
 
 from __future__ import annotations
@@ -22,10 +31,10 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from fedsky.accounting import round_accounting, task_seconds
+from fedsky.accounting import round_accounting, site_local_steps, task_seconds
 from fedsky.async_strategies import Arrival, AsyncStrategy
 from fedsky.checkpoint import save_checkpoint
 from fedsky.config import JobConfig, SiteProfile
@@ -50,8 +59,13 @@ class Clock(Protocol):
         """Seconds since the run started."""
         ...
 
-    def send(self, site: str, tag: int, task: bytes) -> bool:
-        """Send a task; False if the site is gone."""
+    def send(self, site: str, tag: int, task: bytes, sent_at: float | None = None) -> bool:
+        """Send a task; False if the site is gone. `sent_at`: a task sent again after a
+        resume, timed as if sent at that clock time."""
+        ...
+
+    def resume_at(self, now: float) -> None:
+        """Continue from a checkpoint's clock time."""
         ...
 
     def next(self, timeout_s: float) -> Reply | None:
@@ -72,7 +86,7 @@ class VirtualClock:
         self._pending: list[tuple[float, int, Reply]] = []  # a heap by arrival time
         self._sent = itertools.count()
 
-    def send(self, site: str, tag: int, task: bytes) -> bool:
+    def send(self, site: str, tag: int, task: bytes, sent_at: float | None = None) -> bool:
         if not self.transport.submit(site, tag, task):
             return False
         reply = self.transport.poll(0.0)  # in-process: the site has answered already
@@ -81,9 +95,13 @@ class VirtualClock:
                               "(in-process)")
         up = reply.payload or b""
         tokens = int(unpack(up)[1]["tokens"]) if up else 0
-        done = self.now + task_seconds(self.profiles[site], tokens, len(task), len(up))
+        start = self.now if sent_at is None else sent_at
+        done = start + task_seconds(self.profiles[site], tokens, len(task), len(up))
         heapq.heappush(self._pending, (done, next(self._sent), reply))
         return True
+
+    def resume_at(self, now: float) -> None:
+        self.now = now
 
     def next(self, timeout_s: float) -> Reply | None:
         if not self._pending:
@@ -105,8 +123,11 @@ class RealClock:
     def now(self) -> float:
         return time.perf_counter() - self._start
 
-    def send(self, site: str, tag: int, task: bytes) -> bool:
-        return self.transport.submit(site, tag, task)
+    def send(self, site: str, tag: int, task: bytes, sent_at: float | None = None) -> bool:
+        return self.transport.submit(site, tag, task)  # real time: sent now, whatever sent_at
+
+    def resume_at(self, now: float) -> None:
+        self._start = time.perf_counter() - now  # the downtime does not count
 
     def next(self, timeout_s: float) -> Reply | None:
         return self.transport.poll(timeout_s)
@@ -114,12 +135,26 @@ class RealClock:
 
 @dataclass
 class Task:
-    """A task in flight: the model it carried and how many bytes that took."""
+    """A task in flight: the model it carried, how many bytes that took, when it left."""
 
     tag: int  # the site's task count: its seeds, and the downlink's "round"
     version: int  # the global model's version when sent
     base: Params  # that model
     down_bytes: int
+    steps: int  # local steps it trains (the budget's unit)
+    sent_at: float  # clock time when sent
+    seq: int  # send order in the run (a resume sends tasks again in this order)
+
+
+@dataclass
+class Progress:
+    """The loop's bookkeeping; checkpointed with the model (`loop_state`)."""
+
+    version: int = 0  # how many times the global model stepped
+    arrived: int = 0  # updates arrived (applied, dropped as stale, or rejected)
+    steps: int = 0  # local steps those updates trained
+    records: int = 0  # records written (the next one's index)
+    sent: int = 0  # tasks sent
 
 
 @dataclass
@@ -142,37 +177,53 @@ def _count(sizes: dict[str, int], counts: dict[str, int], site: str, n_bytes: in
 
 
 def send_task(clock: Clock, downlink: Downlink, win: Window, job: JobConfig, site: str,
-              tag: int, params: Params, version: int) -> Task | None:
-    """The site's next task: the newest model, as a delta from the one it holds if it can."""
+              tag: int, params: Params, version: int, steps: int, prog: Progress,
+              sent_at: float | None = None) -> Task | None:
+    """The site's task: the model `params`, as a delta from the one it holds if it can.
+    `sent_at`: a task in flight at a checkpoint, sent again on resume."""
     task = downlink.tasks(tag, [site], params, link_seeds(job.seed, tag, None))[site]
-    if not clock.send(site, tag, task):
+    if not clock.send(site, tag, task, sent_at):
         downlink.settle(site, replied=False)
         return None
     _count(win.bytes_down, win.messages_down, site, len(task))
-    return Task(tag, version, params, len(task))
+    prog.sent += 1
+    return Task(tag, version, params, len(task), steps,
+                clock.now if sent_at is None else sent_at, prog.sent - 1)
 
 
 def run_async(job: JobConfig, clock: Clock, sites: list[str], global_params: Params,
-              ctx: RoundContext, state: dict[str, Any]) -> Params:
-    """Train until `rounds * len(job.sites)` updates have arrived; returns the final model."""
+              ctx: RoundContext, state: dict[str, Any],
+              resumed: dict[str, Any] | None = None) -> Params:
+    """Train until `rounds * len(job.sites) * local_steps` local steps have arrived; returns
+    the final model. `resumed`: the loop's part of a checkpoint (`loop_state`)."""
     strategy: AsyncStrategy = ctx.strategy
     limit = job.strategy.max_staleness  # type: ignore[union-attr]
-    per_record = len(job.sites)
+    per_record = len(job.sites) * job.training.local_steps  # one synchronous round's steps
     budget = job.rounds * per_record
+    steps = {s.name: site_local_steps(job, i) for i, s in enumerate(job.sites)}
     bandwidth = {s.name: s.profile.bandwidth_mbps for s in job.sites}
-    downlink = Downlink(ctx.codec.downlink, global_params)
-    version = arrived = 0
-    alive = list(sites)
+    # What each site holds: the initial model at the start; after a resume, unknown.
+    downlink = Downlink(ctx.codec.downlink, global_params if resumed is None else None)
     win = Window()
     inflight: dict[str, Task] = {}
-    for site in sites:
-        task = send_task(clock, downlink, win, job, site, 0, global_params, version)
+    if resumed is None:
+        prog, alive = Progress(), list(sites)
+        again: list[tuple[str, Task | None]] = [(site, None) for site in sites]
+    else:
+        prog, alive, tasks = restore(resumed, sites, global_params)
+        clock.resume_at(resumed["clock_s"])
+        again = sorted(tasks.items(), key=lambda kv: kv[1].seq)
+    for site, old in again:
+        task = (send_task(clock, downlink, win, job, site, 0, global_params, 0, steps[site],
+                          prog) if old is None else
+                send_task(clock, downlink, win, job, site, old.tag, old.base, old.version,
+                          old.steps, prog, old.sent_at))
         if task is not None:
             inflight[site] = task
         else:
             leave(site, "gone before its first task", alive, win)
     marks = (time.perf_counter(), clock.now)  # wall and clock time at the last record
-    while arrived < budget and inflight:
+    while prog.steps < budget and inflight:
         if len(alive) < job.coordinator.min_sites:
             ctx.log.info(f"stopping: {len(alive)} site(s) left, quorum is "
                          f"{job.coordinator.min_sites}")
@@ -193,9 +244,10 @@ def run_async(job: JobConfig, clock: Clock, sites: list[str], global_params: Par
             leave(site, reply.reason, alive, win)
             continue
 
-        arrived += 1
+        prog.arrived += 1
+        prog.steps += task.steps
         _count(win.bytes_up, win.messages_up, site, len(reply.payload))
-        staleness = version - task.version
+        staleness = prog.version - task.version
         entry: dict[str, Any] = {"site": site, "staleness": staleness, "clock_s": clock.now}
         try:
             update = decode_reply(reply.payload, task.tag, site, global_params,
@@ -211,23 +263,27 @@ def run_async(job: JobConfig, clock: Clock, sites: list[str], global_params: Par
                 entry["weight"] = strategy.weight(staleness)
                 win.weights.setdefault(site, []).append(entry["weight"])
                 global_params, state, stepped = strategy.receive(
-                    global_params, Arrival(update, task.base, staleness), state)
-                version += stepped
+                    global_params, Arrival(update, task.base, staleness,
+                                           clock.now - task.sent_at), state)
+                prog.version += stepped
         win.arrivals.append(entry)
-        if arrived + len(inflight) < budget:
+        committed = prog.steps + sum(t.steps for t in inflight.values())
+        if committed + steps[site] <= budget:
             task = send_task(clock, downlink, win, job, site, task.tag + 1, global_params,
-                             version)
+                             prog.version, steps[site], prog)
             if task is not None:
                 inflight[site] = task
             else:
                 leave(site, "gone before its next task", alive, win)
-        if arrived % per_record == 0:
-            marks = write_record(job, ctx, arrived // per_record - 1, win, global_params,
-                                 state, version, clock, marks)
-            win = Window()
+        if prog.steps >= (prog.records + 1) * per_record:
+            rec = write_record(job, ctx, prog.records, win, global_params, prog.version,
+                               clock, marks)
+            checkpoint(ctx, prog, global_params, state, alive, inflight, clock, rec)
+            marks, win = (time.perf_counter(), clock.now), Window()
     if win.arrivals or win.lost:  # the run stopped between records
-        write_record(job, ctx, arrived // per_record, win, global_params, state, version,
-                     clock, marks)
+        rec = write_record(job, ctx, prog.records, win, global_params, prog.version, clock,
+                           marks)
+        checkpoint(ctx, prog, global_params, state, alive, inflight, clock, rec)
     return global_params
 
 
@@ -239,10 +295,46 @@ def leave(site: str, reason: str | None, alive: list[str], win: Window) -> None:
     win.lost.append(site)
 
 
+def checkpoint(ctx: RoundContext, prog: Progress, global_params: Params,
+               state: dict[str, Any], alive: list[str], inflight: dict[str, Task],
+               clock: Clock, rec: dict[str, Any]) -> None:
+    """After record `rec` (number `prog.records`): count it, and save the model, the
+    strategy's state (FedBuff's buffer, its server optimizer) and the loop's (`loop_state`)."""
+    prog.records += 1
+    save_checkpoint(ctx.checkpoint_path, prog.records - 1, global_params,
+                    {"strategy": state, "loop": loop_state(prog, alive, inflight, clock.now)},
+                    {"contributors": rec["participants"], "dropped": rec["dropped"]})
+
+
+def loop_state(prog: Progress, alive: list[str], inflight: dict[str, Task],
+               clock_s: float) -> dict[str, Any]:
+    """Plain dicts and tensors for a checkpoint. Tasks sent at the same version carried the
+    same model, which is stored once, and not at all if it is the current one."""
+    return {
+        **asdict(prog),
+        "clock_s": clock_s,
+        "alive": list(alive),
+        "inflight": {site: {k: v for k, v in asdict(t).items() if k != "base"}
+                     for site, t in inflight.items()},
+        "bases": {t.version: t.base for t in inflight.values() if t.version != prog.version},
+    }
+
+
+def restore(saved: dict[str, Any], joined: list[str], global_params: Params
+            ) -> tuple[Progress, list[str], dict[str, Task]]:
+    """The loop's bookkeeping from `loop_state`: progress, the sites still in the run (alive
+    then, and joined again now), and their tasks in flight."""
+    prog = Progress(**{k: saved[k] for k in asdict(Progress())})
+    alive = [s for s in saved["alive"] if s in joined]
+    bases = {**saved["bases"], prog.version: global_params}
+    tasks = {site: Task(base=bases[t["version"]], **t)
+             for site, t in saved["inflight"].items() if site in alive}
+    return prog, alive, tasks
+
+
 def write_record(job: JobConfig, ctx: RoundContext, r: int, win: Window, global_params: Params,
-                 state: dict[str, Any], version: int, clock: Clock,
-                 marks: tuple[float, float]) -> tuple[float, float]:
-    """Evaluate the current model, log the window as record `r`, checkpoint; new marks."""
+                 version: int, clock: Clock, marks: tuple[float, float]) -> dict[str, Any]:
+    """Evaluate the current model, log the window as record `r` (returned)."""
     t_eval = time.perf_counter()
     load_trainable(ctx.model, global_params)
     ev = evaluate(ctx.model, ctx.eval_data, job.training.batch_size, ctx.device)
@@ -277,8 +369,7 @@ def write_record(job: JobConfig, ctx: RoundContext, r: int, win: Window, global_
         rec["virtual_time_s"] = clock.now - marks[1]  # since the last record
         rec["virtual_clock_s"] = clock.now
     ctx.log.round(rec)
-    save_checkpoint(ctx.checkpoint_path, r, global_params, state)
-    return now, clock.now
+    return rec
 
 
 def site_stats(win: Window) -> dict[str, dict[str, Any]]:

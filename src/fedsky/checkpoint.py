@@ -7,9 +7,10 @@ the adaptive clip and the sites' privacy reports, from which the central noise g
 reseeded (secure mode draws it from the OS instead, by design). Beside it, `info` records which
 sites contributed to the round (`checkpoint_info`). Nothing else needs saving for synchronous
 rounds: site sampling is seeded by (seed, round) and secure-aggregation keys are fresh each
-round. Not held: an async run's buffer (async runs cannot --resume), a CKKS context (the sites
-get a new one when a resumed run starts) and the sites' own state (their error-feedback
-residuals and optimizers live at the sites).
+round. An async run's state adds the loop's own beside the strategy's (FedBuff's buffer and
+server optimizer): see `fedsky.async_loop.loop_state`. Not held: a CKKS context (the sites get
+a new one when a resumed run starts) and the sites' own state (their error-feedback residuals
+and optimizers live at the sites).
 """
 
 from __future__ import annotations

@@ -142,6 +142,11 @@ class TrainingConfig(Strict):
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     local_steps: int = Field(10, gt=0)
+    # Asynchronous strategies: local steps proportional to compute speed (DyLU, Liu et al.
+    # 2024). The fastest site (tokens/s) runs `local_steps` steps per task, another
+    # local_steps * its speed / the fastest's, rounded, at least 1; slow sites' updates then
+    # take about as long to compute as fast sites' and arrive less stale.
+    local_steps_by_speed: bool = False
     batch_size: int = Field(16, gt=0)  # sequences per optimizer step, over all of a site's ranks
     # Micro-batches per optimizer step: batch_size / (grad_accum x ranks) sequences each, their
     # gradients summed before the step (the same step as one full batch, in less memory).
@@ -251,6 +256,28 @@ class FedBuffConfig(Strict):
     staleness: StalenessConfig = StalenessConfig()
     max_staleness: int | None = Field(None, ge=0)
     server: FedOptConfig = FedOptConfig()  # sgd, lr 1: the buffered FedAvg
+    # Delayed Nesterov (Liu et al. 2024, with c = 0): each update is applied at once,
+    # lr / K times its scaled delta, and the server's Nesterov momentum every K arrivals; after
+    # K arrivals from one model that is the buffered step. Needs server sgd with nesterov
+    # momentum and uniform weighting (an update's weight must be known when it arrives).
+    delayed_nesterov: bool = False
+    # Weigh each buffered update also by its task's duration (clock seconds from sending to
+    # arrival): a site that delivers 4x as often then counts 4x less per update, so over time
+    # each site weighs as `server.weighting` says, as in a synchronous round, not in
+    # proportion to its speed. On the virtual clock the durations come from the profiles.
+    time_weighted: bool = False
+
+    @model_validator(mode="after")
+    def _delayed_nesterov_needs_sgd_nesterov(self) -> FedBuffConfig:
+        srv = self.server
+        if self.delayed_nesterov and self.time_weighted:
+            raise ValueError("delayed_nesterov applies each update as it arrives, with weight "
+                             "1 / K; time_weighted needs the buffered mean: choose one")
+        if self.delayed_nesterov and not (srv.optimizer == "sgd" and srv.nesterov
+                                          and srv.weighting == "uniform"):
+            raise ValueError("delayed_nesterov needs server = { optimizer = 'sgd', momentum > 0, "
+                             "nesterov = true, weighting = 'uniform' }")
+        return self
 
 
 StrategyConfig = Annotated[
@@ -562,6 +589,10 @@ class JobConfig(Strict):
                                  "[secure] the coordinator never sees one site's update")
         if self.strategy.name in ASYNC_STRATEGIES:
             _check_async(self)
+        elif self.training.local_steps_by_speed:
+            raise ValueError("training.local_steps_by_speed applies to asynchronous strategies "
+                             f"({', '.join(ASYNC_STRATEGIES)}); a synchronous round trains "
+                             "every site for local_steps")
         if self.audit is not None:
             check_audit(self)
         return self

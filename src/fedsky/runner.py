@@ -139,9 +139,6 @@ def run_federated(
     started = time.perf_counter()
     sites = [s.name for s in job.sites]
     asynchronous = job.strategy.name in ASYNC_STRATEGIES
-    if asynchronous and resume:
-        raise FedskyError(f"--resume is not supported with the asynchronous strategy "
-                          f"{job.strategy.name!r} yet; start the run again")
     # Bind first: a port in use fails in a second, not after the data is ready.
     if transport_kind == "grpc" and job.transport.emulate_links:
         raise FedskyError("transport.emulate_links is for the in-process transport; over gRPC "
@@ -166,9 +163,15 @@ def run_federated(
                     else private_strategy(job, make_strategy(job.strategy)))
         global_params = trainable_state(p.model)
         state = strategy.init_state(global_params)
-        last_done = None
+        last_done, resumed = None, None
         if resume:
             last_done, global_params, state = load_checkpoint(p.out_dir / "checkpoint.safetensors")
+            if asynchronous != ("loop" in state):
+                raise FedskyError(f"the checkpoint in {p.out_dir} is from a "
+                                  f"{'synchronous' if asynchronous else 'asynchronous'} run; "
+                                  f"strategy {job.strategy.name!r} cannot resume it")
+            if asynchronous:  # the async loop's bookkeeping beside the strategy's state
+                state, resumed = state["strategy"], state["loop"]
             load_trainable(p.model, global_params)
         runlog = RunLog(p.out_dir, job.rounds, f"{job.name} ({transport_kind})", last_done)
         resumed_at = 0 if last_done is None else last_done + 1
@@ -189,7 +192,7 @@ def run_federated(
         if asynchronous:  # simulated: a virtual clock; over gRPC: real time
             clock = (VirtualClock(transport, {s.name: s.profile for s in job.sites})
                      if virtual_clock else RealClock(transport))
-            global_params = run_async(job, clock, joined, global_params, ctx, state)
+            global_params = run_async(job, clock, joined, global_params, ctx, state, resumed)
         else:
             global_params = run_rounds(job, transport, joined, global_params, ctx, state, start)
     finally:

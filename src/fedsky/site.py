@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer as BpeTokenizer
 
 from fedsky import secure_site
-from fedsky.accounting import Link, tokens_per_second
+from fedsky.accounting import Link, site_local_steps, tokens_per_second
 from fedsky.codecs import Codecs, Params, RoundSeeds, make_codec
 from fedsky.config import JobConfig, parse_job
 from fedsky.data import Batch, load_pretrained_tokenizer
@@ -268,8 +268,8 @@ def train_round(site: Site, tensors: Params, header: dict[str, Any]) -> bytes:
             params = [p for p in site.model.parameters() if p.requires_grad]
             site.optimizer = make_optimizer(params, site.job.training)
         result = train_steps(site.trainer or site.model, site.data, site.job.training,
-                             site.job.training.local_steps, gen, site.device, site.optimizer,
-                             site.ranks)
+                             site_local_steps(site.job, site.index), gen, site.device,
+                             site.optimizer, site.ranks)
     started = time.perf_counter()
     loss_after = probe_loss(site) if probing else None
     probe_s += time.perf_counter() - started
