@@ -165,6 +165,9 @@ def run_federated(
         state = strategy.init_state(global_params)
         last_done, resumed = None, None
         if resume:
+            if not (p.out_dir / "checkpoint.safetensors").is_file():
+                raise FedskyError(f"nothing to resume in {p.out_dir}: no round was checkpointed "
+                                  "there; start the run again without --resume")
             last_done, global_params, state = load_checkpoint(p.out_dir / "checkpoint.safetensors")
             if asynchronous != ("loop" in state):
                 raise FedskyError(f"the checkpoint in {p.out_dir} is from a "
