@@ -6,6 +6,7 @@ Deadlines here only ever decide *whether* a reply counts, never how fast somethi
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import random
 import socket
@@ -113,6 +114,30 @@ def test_payload_over_64_mb_is_chunked_and_byte_exact(coordinator, spawn) -> Non
     replies = transport.exchange(1, {"a": big}, deadline_s=LONG_S)
 
     assert replies["a"] == big[::-1]
+
+
+def test_a_reply_mapped_from_a_file_is_sent_as_it_lies(coordinator, spawn, tmp_path) -> None:
+    """A site may answer with any bytes-like object, e.g. an mmap of an update on disk (how a
+    multi-GB update is sent without a copy in the site's memory); a non-bytes-like reply is
+    that round's ERROR, not a crash."""
+    update = random.Random(1).randbytes((3 << 20) + 5)
+    path = tmp_path / "update.bin"
+    path.write_bytes(update)
+
+    def factory(site: str, setup: bytes) -> SiteHandler:
+        def handle(task: bytes) -> object:  # deliberately not always bytes
+            if task == b"bad":
+                return 42
+            with path.open("rb") as f:
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return handle
+
+    transport = coordinator(chunk_bytes=1 << 20)
+    spawn(transport, "a", factory, chunk_bytes=1 << 20)
+    transport.start(["a"], b"")
+
+    assert transport.exchange(1, {"a": b"go"}, deadline_s=LONG_S) == {"a": update}
+    assert transport.exchange(2, {"a": b"bad"}, deadline_s=LONG_S) == {}
 
 
 def test_late_site_is_absent_and_its_late_reply_is_discarded(coordinator, spawn, caplog) -> None:

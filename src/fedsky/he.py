@@ -34,7 +34,6 @@ import multiprocessing
 import os
 import secrets
 import struct
-import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -43,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import tenseal as ts
+from zlib_ng.zlib_ng import crc32  # zlib's CRC-32 (same values), SIMD
 
 from fedsky.errors import FedskyError
 
@@ -208,7 +208,7 @@ def block_count(params: CkksParams, length: int) -> int:
 
 def _frame(ctx: CkksContext, index: int, vec: ts.CKKSVector) -> bytes:
     body = _BLOCK_HEAD.pack(_BLOCK_MAGIC, ctx.key_id, index, vec.size()) + vec.serialize()
-    return body + _CRC.pack(zlib.crc32(body))
+    return body + _CRC.pack(crc32(body))
 
 
 def _open(ctx: CkksContext, blob: bytes, index: int, count: int | None) -> ts.CKKSVector:
@@ -220,7 +220,7 @@ def _open(ctx: CkksContext, blob: bytes, index: int, count: int | None) -> ts.CK
     if len(blob) < _BLOCK_HEAD.size + _CRC.size or blob[:4] != _BLOCK_MAGIC:
         raise FedskyError(f"{where} is not a fedsky CKKS block ({len(blob)} bytes)")
     body, (crc,) = blob[:-_CRC.size], _CRC.unpack(blob[-_CRC.size:])
-    if zlib.crc32(body) != crc:
+    if crc32(body) != crc:
         raise FedskyError(f"{where} is corrupt or truncated (CRC mismatch)")
     _, key_id, got_index, got_count = _BLOCK_HEAD.unpack_from(body)
     if key_id != ctx.key_id:

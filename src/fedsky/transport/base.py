@@ -6,7 +6,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-# A site's side of the conversation: given a task payload, return the reply payload.
+# A site's side of the conversation: given a task payload, return the reply payload (over gRPC
+# any bytes-like reply is accepted too, such as an mmap of an update on disk).
 SiteHandler = Callable[[bytes], bytes]
 # Builds a site's handler once it has joined: (site name, setup payload) -> handler.
 SiteFactory = Callable[[str, bytes], SiteHandler]

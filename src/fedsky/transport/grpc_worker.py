@@ -155,7 +155,13 @@ def _answer(handler: SiteHandler, site: str, task: Message) -> Message:
     try:
         reply = handler(task.payload)
         if not isinstance(reply, bytes):
-            raise TypeError(f"the site handler returned {type(reply).__name__}, not bytes")
+            # Any bytes-like reply is sent as it lies, e.g. an mmap of an update file on disk:
+            # a multi-GB update then crosses the wire without a copy in the site's memory.
+            try:
+                reply = memoryview(reply).cast("B")
+            except TypeError:
+                raise TypeError(f"the site handler returned {type(reply).__name__}, not "
+                                "bytes-like") from None
     except Exception as err:
         log.exception("site %s: task for round %d failed", site, task.round_idx)
         return Message(Kind.ERROR, site, task.round_idx, message=str(err) or type(err).__name__,
