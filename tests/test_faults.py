@@ -8,6 +8,7 @@ Transport faults use a raw site: a real mutual-TLS gRPC stream that sends hand-m
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import queue
@@ -257,13 +258,17 @@ def test_a_client_without_a_project_certificate_never_joins(federation, pki, tmp
 
 class CuttingProxy:
     """A real TCP relay in front of the coordinator that cuts its first connection once
-    `cut_after` bytes have gone from the site to the coordinator, as a dropped link does;
-    later connections are relayed untouched. Counts the site's bytes per connection."""
+    `cut_after` bytes have gone from the site to the coordinator (or `cut_down_after` bytes the
+    other way), as a dropped link does; later connections are relayed untouched. Counts the
+    bytes each way per connection."""
 
-    def __init__(self, target_port: int, cut_after: int) -> None:
+    def __init__(self, target_port: int, cut_after: int | None = None,
+                 cut_down_after: int | None = None) -> None:
         self.target_port = target_port
         self.cut_after = cut_after
+        self.cut_down_after = cut_down_after
         self.upstream: list[int] = []  # bytes site -> coordinator, per connection
+        self.downstream: list[int] = []  # bytes coordinator -> site, per connection
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -276,22 +281,24 @@ class CuttingProxy:
                 return
             index = len(self.upstream)
             self.upstream.append(0)
+            self.downstream.append(0)
             coord_side = socket.create_connection(("127.0.0.1", self.target_port))
-            limit = self.cut_after if index == 0 else None
-            for args in ((site_side, coord_side, index, limit), (coord_side, site_side, None,
-                                                                 None)):
+            first = index == 0
+            for args in ((site_side, coord_side, self.upstream, index,
+                          self.cut_after if first else None),
+                         (coord_side, site_side, self.downstream, index,
+                          self.cut_down_after if first else None)):
                 threading.Thread(target=self._pump, args=args, daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, index: int | None,
+    def _pump(self, src: socket.socket, dst: socket.socket, counts: list[int], index: int,
               limit: int | None) -> None:
         try:
             while data := src.recv(1 << 16):
-                if limit is not None and self.upstream[index] + len(data) > limit:
-                    data = data[: limit - self.upstream[index]]
+                if limit is not None and counts[index] + len(data) > limit:
+                    data = data[: limit - counts[index]]
                 dst.sendall(data)
-                if index is not None:
-                    self.upstream[index] += len(data)
-                if limit is not None and self.upstream[index] >= limit:
+                counts[index] += len(data)
+                if limit is not None and counts[index] >= limit:
                     break  # the link drops
         except OSError:
             pass
@@ -302,6 +309,38 @@ class CuttingProxy:
 
     def close(self) -> None:
         self.server.close()
+
+
+def test_a_task_download_cut_mid_transfer_resumes_from_the_last_byte_received(federation, pki,
+                                                                             caplog) -> None:
+    task = os.urandom(8 << 20)  # a model-sized task: 8 MiB in 128 chunks of 64 KiB
+    calls: list[bytes] = []
+
+    def trainer(site: str, setup: bytes) -> SiteHandler:
+        def handle(got: bytes) -> bytes:
+            calls.append(got)
+            return b"trained on " + hashlib.sha256(got).digest()
+        return handle
+
+    transport = federation(rejoin_wait_s=LONG_S, chunk_bytes=1 << 16)
+    proxy = CuttingProxy(transport.port, cut_down_after=3 << 20)
+    transport.pool.submit(serve_site, f"127.0.0.1:{proxy.port}", "a",  # type: ignore[attr-defined]
+                          trainer, tls=pki[1]["a"], chunk_bytes=1 << 16)
+    good_site(transport, pki, "b")
+    assert sorted(transport.start(list(SITES), b"setup")) == ["a", "b"]
+    with caplog.at_level(logging.INFO, logger="fedsky.transport"):
+        replies = transport.exchange(1, {"a": task, "b": b"t1"}, deadline_s=LONG_S)
+    proxy.close()
+
+    assert calls == [task]  # the site trained once, on the byte-identical task
+    assert replies["a"] == b"trained on " + hashlib.sha256(task).digest()
+    assert replies["b"] == b"b:t1"
+    resumed_at = int(re.search(r"resuming its task's download at byte (\d+) of", caplog.text)[1])
+    assert 1 << 20 < resumed_at < len(task)  # what had arrived before the cut was kept
+    assert len(proxy.downstream) == 2  # cut once, reconnected once
+    # After the cut, the coordinator sent only the bytes the site did not have (plus the
+    # setup, TLS, HTTP/2 and frame headers: well under 256 KiB here), not the task again.
+    assert proxy.downstream[1] < len(task) - resumed_at + (256 << 10)
 
 
 def test_an_upload_cut_mid_transfer_resumes_from_the_last_byte_received(federation, pki,

@@ -6,7 +6,9 @@ large: gRPC refuses messages over 4 MiB by default and protobuf cannot encode on
 while a model update can be many GiB. Every chunk carries a CRC-32 of its data, its byte
 offset and the payload's total size, so a corrupted or truncated chunk is caught at the frame
 it arrives in, end to end (TLS protects the wire, not the buffers on either side of it), and
-an upload cut off by a dropped connection can go on from the last byte received (RESUME).
+a transfer cut off by a dropped connection can go on from the last byte received: an upload
+when the coordinator asks for the rest (RESUME), a task's download when the site says on
+reconnecting how far it got (HELLO).
 Everything that arrives is checked, because it comes from the network.
 
 Chunk data is the bulk of every byte moved, so it is never copied more than it must be: a
@@ -53,6 +55,9 @@ class Kind(enum.IntEnum):
 # Only these kinds carry a payload; the others are one frame with no data, so a peer that has
 # not said HELLO yet cannot make us buffer anything.
 _PAYLOAD_KINDS = frozenset({Kind.WELCOME, Kind.TASK, Kind.REPLY})
+# These carry an offset of their own: RESUME (the coordinator asks for an upload from a byte
+# on) and HELLO (a site that was cut off while downloading a task says how far it got).
+_OFFSET_KINDS = frozenset({Kind.RESUME, Kind.HELLO})
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,9 @@ class Message:
     payload: bytes = b""  # WELCOME, TASK, REPLY (b"" when it went to a PayloadSink)
     message: str = ""  # ERROR and REJECT
     nonce: int = 0  # TASK: fresh per task; the REPLY or ERROR to it carries the same
-    offset: int = 0  # outgoing REPLY: send from this byte on; RESUME: the byte to resume from
+    # outgoing REPLY or TASK: send from this byte on; RESUME: the byte to resume from; HELLO:
+    # the bytes of the task (round_idx, nonce) that the site already holds
+    offset: int = 0
     result: Any = None  # what the PayloadSink that took the payload returned, if one did
 
 
@@ -121,19 +128,19 @@ def _headers(msg: Message, chunk_bytes: int) -> Iterator[tuple[Frame, memoryview
     if msg.payload and msg.kind not in _PAYLOAD_KINDS:
         raise FedskyError(f"a {msg.kind.name} message carries no payload")
     size = len(msg.payload)
-    if msg.kind is not Kind.RESUME and not 0 <= msg.offset <= size:
+    if msg.kind not in _OFFSET_KINDS and not 0 <= msg.offset <= size:
         raise FedskyError(f"cannot send a {size}-byte payload from byte {msg.offset}")
     payload = memoryview(msg.payload)
     common = {"kind": int(msg.kind), "site": msg.site, "round": msg.round_idx,
               "token": msg.token, "message": msg.message[:MAX_TEXT_CHARS], "nonce": msg.nonce,
               "size": size}
     starts = range(msg.offset, size, chunk_bytes) if msg.offset < size else [msg.offset]
-    if msg.kind is Kind.RESUME:  # RESUME carries its offset, not a payload's
+    if msg.kind in _OFFSET_KINDS:  # they carry an offset of their own, not a payload's
         starts = [0]
     for seq, start in enumerate(starts):  # an empty payload is still one frame
         view = payload[start : start + chunk_bytes]
         last = seq == len(starts) - 1
-        offset = msg.offset if msg.kind is Kind.RESUME else start
+        offset = msg.offset if msg.kind in _OFFSET_KINDS else start
         yield Frame(seq=seq, last=last, crc32=crc32(view), offset=offset, **common), view
 
 
@@ -290,7 +297,7 @@ def read_message(frames: Iterator[Any], max_bytes: int = MAX_PAYLOAD_BYTES,
         payload=b"".join(part.chunks) if sink is None else b"",
         message=first.message[:MAX_TEXT_CHARS],
         nonce=first.nonce,
-        offset=first.offset if kind is Kind.RESUME else 0,
+        offset=first.offset if kind in _OFFSET_KINDS else 0,
         result=None if sink is None else sink.close(),
     )
 
@@ -314,9 +321,10 @@ def _start(first: Any, kind: Kind, who: str, open_sink: SinkOpener | None,
     return part
 
 
-def messages(frames: Iterator[Any], max_bytes: int = MAX_PAYLOAD_BYTES) -> Iterator[Message]:
+def messages(frames: Iterator[Any], max_bytes: int = MAX_PAYLOAD_BYTES,
+             resume: Resumer | None = None) -> Iterator[Message]:
     """All messages of a Frame stream, in order, until it ends (see `read_message`)."""
-    while (msg := read_message(frames, max_bytes)) is not None:
+    while (msg := read_message(frames, max_bytes, resume=resume)) is not None:
         yield msg
 
 

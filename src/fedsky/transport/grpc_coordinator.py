@@ -9,7 +9,9 @@ comes in after its round is over is dropped, one with the right round but anothe
 replay, e.g. of a reply to the same round before the coordinator restarted) is rejected.
 An upload cut off by a dropped connection is kept as far as it arrived; when the site
 reconnects within the round it is asked to RESUME from the last byte received, instead of
-being sent the task again (no retraining, no bytes sent twice).
+being sent the task again (no retraining, no bytes sent twice). The other way round, a site
+cut off while downloading its task says in its HELLO how much of which task it holds, and
+gets only the rest of that same task.
 With a `sink` (see `exchange`), each reply is handed on chunk by chunk as it arrives, so a
 round need not hold one whole update per site (`fedsky.streaming`).
 
@@ -54,6 +56,7 @@ class _Session:
     site: str
     outbox: queue.Queue[Message | None] = field(default_factory=queue.Queue)
     failure: str | None = None
+    holds: tuple[int, int, int] = (0, 0, 0)  # its HELLO: (round, nonce, bytes) of a cut task
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,15 @@ class GrpcTransport:
                                                            nonce=part.nonce,
                                                            offset=part.received))
                                 resuming.add(site)
+                            elif _holds_part_of(session, round_idx, nonces.get(site),
+                                                tasks[site]):
+                                held = session.holds[2]
+                                log.info("round %d: site %s rejoined; resuming its task's "
+                                         "download at byte %d of %d", round_idx, site, held,
+                                         len(tasks[site]))
+                                session.outbox.put(Message(Kind.TASK, site, round_idx,
+                                                           payload=tasks[site],
+                                                           nonce=nonces[site], offset=held))
                             else:
                                 log.info("round %d: site %s (re)joined; sending it this "
                                          "round's task", round_idx, site)
@@ -415,7 +427,7 @@ class GrpcTransport:
         with self._lock:
             taken = hello.site in self._sessions
             if not taken:
-                session = _Session(hello.site)
+                session = _Session(hello.site, holds=(hello.round_idx, hello.nonce, hello.offset))
                 self._sessions[hello.site] = session
                 if self._setup is not None:
                     session.outbox.put(Message(Kind.WELCOME, hello.site, payload=self._setup))
@@ -459,6 +471,14 @@ class GrpcTransport:
         log.info("site %s disconnected", session.site)
         self._inbox.put(_Arrival(session, None))
         session.outbox.put(None)  # lets the Join stream finish and free its pool thread
+
+
+def _holds_part_of(session: _Session, round_idx: int, nonce: int | None, task: bytes) -> bool:
+    """Whether the rejoined site said it holds the first bytes of exactly this task (the nonce
+    is fresh per task, so a match means the same bytes), and not all of them."""
+    held_round, held_nonce, held = session.holds
+    return (nonce is not None and (held_round, held_nonce) == (round_idx, nonce)
+            and 0 < held < len(task))
 
 
 def _send_task(session: _Session, round_idx: int, task: bytes) -> int:

@@ -7,7 +7,9 @@ dead) is not the end: the site reconnects with exponential backoff and jitter an
 if the coordinator's setup is unchanged it keeps its state (error feedback, optimizer), and it
 takes the current round's task if that round is still open; if it was cut off mid-upload, the
 coordinator asks it to RESUME and it sends the rest of the same reply (the site keeps its last
-reply until the next task for this). The handler runs on the calling
+reply until the next task for this); if it was cut off while downloading its task, it keeps
+what arrived and its HELLO says how far it got, so the coordinator sends only the rest of that
+same task (a multi-GB model is not sent twice). The handler runs on the calling
 thread; grpcio sends the replies from its own thread by pulling them out of a queue.
 """
 
@@ -18,6 +20,7 @@ import queue
 import random
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import grpc
 
@@ -26,7 +29,7 @@ from fedsky.errors import FedskyError
 from fedsky.transport import channel as grpc_channel
 from fedsky.transport import frames
 from fedsky.transport.base import SiteFactory, SiteHandler
-from fedsky.transport.frames import Kind, Message
+from fedsky.transport.frames import Kind, Message, Partial
 
 log = logging.getLogger("fedsky.transport")
 
@@ -44,6 +47,21 @@ class _Held:
     setup: bytes | None = None
     handler: SiteHandler | None = None
     last_reply: Message | None = None
+    task_part: Partial | None = None  # a task download cut off part-way
+
+    def resume_task(self, first: Any) -> Partial | None:
+        """The cut-off download a TASK frame starting past byte 0 continues (`frames.read_message`
+        checks it is the same task and starts where it ended)."""
+        part, self.task_part = self.task_part, None
+        return part
+
+    def hello(self, site: str, token: str) -> Message:
+        """HELLO, saying which task (round, nonce) this site holds how many bytes of."""
+        part = self.task_part
+        if part is None:
+            return Message(Kind.HELLO, site=site, token=token)
+        return Message(Kind.HELLO, site=site, token=token, round_idx=part.round_idx,
+                       nonce=part.nonce, offset=part.received)
 
 
 def serve_site(
@@ -97,11 +115,11 @@ def _serve_once(channel: grpc.Channel, address: str, site: str, token: str,
                 factory: SiteFactory, held: _Held, chunk_bytes: int) -> tuple[bool, bool]:
     """One session on a ready channel; returns (the coordinator said DONE, it welcomed us)."""
     outbox: queue.Queue[Message | None] = queue.Queue()
-    outbox.put(Message(Kind.HELLO, site=site, token=token))
+    outbox.put(held.hello(site, token))
     responses = grpc_channel.join(channel, frames.stream(outbox, chunk_bytes))
     welcomed = False
     try:
-        incoming = frames.messages(responses)
+        incoming = frames.messages(responses, resume=held.resume_task)
         welcome = next(incoming, None)
         if welcome is None:
             log.warning("site %s: the coordinator at %s closed the stream before welcoming it",
@@ -130,11 +148,20 @@ def _serve_once(channel: grpc.Channel, address: str, site: str, token: str,
                 continue
             if msg.kind is not Kind.TASK:
                 raise FedskyError(f"coordinator at {address} sent an unexpected {msg.kind.name}")
-            held.last_reply = None  # a new task: the old reply can no longer be resumed
+            held.last_reply = held.task_part = None  # a new task: nothing older resumes
             held.last_reply = _answer(held.handler, site, msg)
             outbox.put(held.last_reply)
         log.warning("site %s: the coordinator at %s ended the session without DONE", site,
                     address)
+        return False, welcomed
+    except frames.Interrupted as err:
+        if err.partial.kind is Kind.TASK:
+            held.task_part = err.partial
+            log.warning("site %s: lost the connection to %s after %d of the %d bytes of its "
+                        "task for round %d; it will ask for the rest", site, address,
+                        err.partial.received, err.partial.size, err.partial.round_idx)
+        else:
+            log.warning("site %s: lost the connection to %s: %s", site, address, err)
         return False, welcomed
     except grpc.RpcError as err:
         if err.code() in _REFUSALS:
