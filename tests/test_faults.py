@@ -27,7 +27,7 @@ from fedsky import certs
 from fedsky.certs import TlsFiles
 from fedsky.errors import FedskyError
 from fedsky.transport import channel, fedsky_pb2_grpc, frames
-from fedsky.transport.base import SiteHandler
+from fedsky.transport.base import SiteFactory, SiteHandler
 from fedsky.transport.frames import Frame, Kind, Message
 from fedsky.transport.grpc_coordinator import GrpcTransport
 from fedsky.transport.grpc_worker import serve_site
@@ -311,6 +311,21 @@ class CuttingProxy:
         self.server.close()
 
 
+def round_over_a_cut_link(federation, pki, caplog, trainer: SiteFactory,
+                          tasks: dict[str, bytes], **cut: int) -> tuple[dict, CuttingProxy]:
+    """One round with site a behind a CuttingProxy (64 KiB chunks) and site b direct."""
+    transport = federation(rejoin_wait_s=LONG_S, chunk_bytes=1 << 16)
+    proxy = CuttingProxy(transport.port, **cut)
+    transport.pool.submit(serve_site, f"127.0.0.1:{proxy.port}", "a",  # type: ignore[attr-defined]
+                          trainer, tls=pki[1]["a"], chunk_bytes=1 << 16)
+    good_site(transport, pki, "b")
+    assert sorted(transport.start(list(SITES), b"setup")) == ["a", "b"]
+    with caplog.at_level(logging.INFO, logger="fedsky.transport"):
+        replies = transport.exchange(1, tasks, deadline_s=LONG_S)
+    proxy.close()
+    return replies, proxy
+
+
 def test_a_task_download_cut_mid_transfer_resumes_from_the_last_byte_received(federation, pki,
                                                                              caplog) -> None:
     task = os.urandom(8 << 20)  # a model-sized task: 8 MiB in 128 chunks of 64 KiB
@@ -322,15 +337,8 @@ def test_a_task_download_cut_mid_transfer_resumes_from_the_last_byte_received(fe
             return b"trained on " + hashlib.sha256(got).digest()
         return handle
 
-    transport = federation(rejoin_wait_s=LONG_S, chunk_bytes=1 << 16)
-    proxy = CuttingProxy(transport.port, cut_down_after=3 << 20)
-    transport.pool.submit(serve_site, f"127.0.0.1:{proxy.port}", "a",  # type: ignore[attr-defined]
-                          trainer, tls=pki[1]["a"], chunk_bytes=1 << 16)
-    good_site(transport, pki, "b")
-    assert sorted(transport.start(list(SITES), b"setup")) == ["a", "b"]
-    with caplog.at_level(logging.INFO, logger="fedsky.transport"):
-        replies = transport.exchange(1, {"a": task, "b": b"t1"}, deadline_s=LONG_S)
-    proxy.close()
+    replies, proxy = round_over_a_cut_link(federation, pki, caplog, trainer,
+                                           {"a": task, "b": b"t1"}, cut_down_after=3 << 20)
 
     assert calls == [task]  # the site trained once, on the byte-identical task
     assert replies["a"] == b"trained on " + hashlib.sha256(task).digest()
@@ -354,15 +362,8 @@ def test_an_upload_cut_mid_transfer_resumes_from_the_last_byte_received(federati
             return payload
         return handle
 
-    transport = federation(rejoin_wait_s=LONG_S)
-    proxy = CuttingProxy(transport.port, cut_after=3 << 20)
-    transport.pool.submit(serve_site, f"127.0.0.1:{proxy.port}", "a",  # type: ignore[attr-defined]
-                          trainer, tls=pki[1]["a"], chunk_bytes=1 << 16)
-    good_site(transport, pki, "b")
-    assert sorted(transport.start(list(SITES), b"setup")) == ["a", "b"]
-    with caplog.at_level(logging.INFO, logger="fedsky.transport"):
-        replies = transport.exchange(1, {"a": b"t1", "b": b"t1"}, deadline_s=LONG_S)
-    proxy.close()
+    replies, proxy = round_over_a_cut_link(federation, pki, caplog, trainer,
+                                           {"a": b"t1", "b": b"t1"}, cut_after=3 << 20)
 
     assert replies["a"] == payload  # byte-identical, reassembled across two connections
     assert replies["b"] == b"b:t1"
