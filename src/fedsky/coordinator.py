@@ -120,11 +120,15 @@ def gather_updates(job: JobConfig, transport: Transport, r: int, tasks: dict[str
 
 
 def gather_streamed(job: JobConfig, transport: Transport, r: int, tasks: dict[str, bytes],
-                    global_params: Params) -> tuple[list[SiteUpdate], dict[str, Any]]:
+                    global_params: Params, spill_dir: Path | None = None,
+                    ) -> tuple[list[SiteUpdate], dict[str, Any]]:
     """The plain round with streaming aggregation (`fedsky.streaming`): each reply is folded
-    into one running sum as it arrives; `got["mean"]` is the weighted mean delta, or None with
-    `got["void"]` saying why when part of a refused update had been summed."""
-    acc = RoundSum(global_params, r, job.strategy, job.coordinator.max_update_norm)
+    into one running sum as it arrives; `got["mean"]` is the accepted sites' weighted mean
+    delta (None when there are none). A refused update is left out as on the buffered path:
+    what of it had been folded is subtracted again, from its undo log in `spill_dir`
+    (with `coordinator.streaming_undo` off, `got["void"]` says why the round is void)."""
+    acc = RoundSum(global_params, r, job.strategy, job.coordinator.max_update_norm, spill_dir,
+                   job.coordinator.streaming_undo)
     results = transport.exchange(r, tasks, job.coordinator.round_deadline_s, sink=acc.open)
     bandwidth = {s.name: s.profile.bandwidth_mbps for s in job.sites}  # declared, Mbit/s
     updates: list[SiteUpdate] = []
@@ -140,13 +144,16 @@ def gather_streamed(job: JobConfig, transport: Transport, r: int, tasks: dict[st
             continue
         updates.append(site_update(site, res.header, {}, bandwidth[site]))
     accepted = {u.site for u in updates}
-    void = acc.void_reason(accepted)
+    acc.uploads.settle(accepted)  # takes back what refused uploads had folded
+    for site, why in acc.uploads.undone.items():
+        log.info("round %d: the part of %s's update already summed was taken back out (%s)",
+                 r, site, why)
     return updates, {
         "replies": results,
         "dropped": [s for s in tasks if s not in results] + sorted(rejected),
         "bytes_up": {s: results[s].size for s in tasks if s in results},
-        "void": void,
-        "mean": acc.mean(accepted) if updates and void is None else None,
+        "void": acc.uploads.void,
+        "mean": acc.mean(accepted) if updates and acc.uploads.void is None else None,
     }
 
 
@@ -182,7 +189,8 @@ def run_rounds(
         mean, void = None, None
         if job.secure is None:
             if streamed:
-                updates, got = gather_streamed(job, transport, r, tasks, global_params)
+                updates, got = gather_streamed(job, transport, r, tasks, global_params,
+                                               ctx.checkpoint_path.parent)
                 mean, void = got["mean"], got["void"]
             else:
                 updates, got = gather_updates(job, transport, r, tasks, global_params,

@@ -12,10 +12,14 @@ is not recomputed: every chunk's CRC-32, taken by the sender from the very paylo
 checked on arrival (`transport.frames`), and on CPUs without SHA extensions SHA-256 runs at
 100 to 400 MB/s, slower than the link it would check.
 
-What cannot be undone: a sum cannot give back the part of an update it took in. An update
-found bad after some of it was folded (a NaN in a later chunk, a norm that grows past the
-bound, a site that vanished mid-upload and never resumed) voids the round:
-the caller skips it and the model stays as it was, so a bad update never reaches the model.
+An update refused after part of it was folded (a NaN in a later chunk, a norm that grows past
+the bound, a site that vanished mid-upload and never resumed) is taken back out: every folded
+run of weighted values is also written to the upload's undo log (`fedsky.undo_log`, an
+unlinked file: page cache, not RSS), and a refused upload's runs are read back and subtracted
+before the mean is taken. The round goes on with the other sites, as on the buffered path.
+fp32 add-then-subtract is not bit-exact: the sum keeps rounding residue of the order of an ulp
+of the running sum per value (measured in `tests/test_streaming.py`: within 1e-6 of the
+buffered mean without that site).
 Strategies that need every update at once (median, trimmed mean, the dynamic rules' softmax over
 all losses), central DP, secure aggregation and compressed uplinks take the buffered path.
 """
@@ -25,7 +29,9 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +41,7 @@ from fedsky.compression import unflatten
 from fedsky.config import JobConfig, StrategyConfig
 from fedsky.errors import FedskyError
 from fedsky.strategies import Params, log_weight
+from fedsky.undo_log import UndoLog
 
 _MAX_HEADER_BYTES = 1 << 20  # a payload header (JSON) larger than this is refused
 _WIRE_TENSOR = "v"  # the identity uplink's one tensor: all values, flat, in sorted-name order
@@ -43,7 +50,8 @@ _WIRE_TENSOR = "v"  # the identity uplink's one tensor: all values, flat, in sor
 def why_not_streamed(job: JobConfig, global_params: Params) -> str | None:
     """Why this job's rounds must buffer every update (None: they can stream)."""
     if job.secure is not None:
-        return "secure aggregation unmasks the sum of whole updates"
+        from fedsky.streaming_masked import why_not_masked  # the secure path's own rules
+        return why_not_masked(job, global_params)
     if job.privacy is not None:
         return "[privacy] clips and accounts each update as a whole"
     if job.strategy.name not in ("fedavg", "fedopt"):
@@ -62,8 +70,89 @@ class Streamed:
     site: str
     header: dict[str, Any]
     error: str | None
-    folded: int  # bytes of its values already in the sum
+    folded: int  # bytes of its values that went into the sum
     size: int  # payload bytes received
+
+
+class HeaderReader:
+    """The first bytes of a safetensors payload (`fedsky.wire`): an 8-byte length, then that
+    much JSON; `take` collects them across chunks and hands back what follows."""
+
+    def __init__(self, site: str) -> None:
+        self.site = site
+        self.head = bytearray()
+        self.data_at: int | None = None  # payload offset where the tensors' bytes start
+
+    def take(self, data: memoryview) -> tuple[dict[str, Any] | None, memoryview]:
+        """(the parsed JSON once whole, else None; the bytes after it)."""
+        need = 8
+        if len(self.head) >= 8:
+            size = int.from_bytes(self.head[:8], "little")
+            if size > _MAX_HEADER_BYTES:
+                raise FedskyError(f"update from {self.site}: a {size}-byte header")
+            need = 8 + size
+        take = need - len(self.head)
+        self.head += data[:take]
+        data = data[take:]
+        if len(self.head) < need:
+            return None, data
+        if need == 8:
+            return self.take(data)
+        try:
+            meta = json.loads(bytes(self.head[8:]))
+            header = json.loads(meta.pop("__metadata__")["fedsky"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise FedskyError(f"update from {self.site}: malformed payload header: {err!r}"
+                              ) from None
+        if not isinstance(meta, dict) or not isinstance(header, dict):
+            raise FedskyError(f"update from {self.site}: malformed payload header")
+        self.data_at = need
+        return {"header": header, "tensors": meta}, data
+
+
+class Folder:
+    """What a streamed sum needs of its uploads: each open upload, and at the end which of
+    them count. An upload that does not count but was folded is taken back out (its undo
+    log), so the sum holds exactly the counted uploads."""
+
+    def __init__(self, spill_dir: str | Path | None, undo: bool = True) -> None:
+        self.spill_dir = spill_dir
+        self.undo = undo  # False: no undo logs; a refused upload that was folded voids the sum
+        self.lock = threading.Lock()  # uploads arrive on one thread per site
+        self.streams: list[Any] = []  # Upload-like: site, result, folded, settle()
+        self.closed: list[Any] = []  # in the order they closed
+        self.counted: list[Any] | None = None  # once settled
+        self.undone: dict[str, str] = {}  # site -> why its folded part was taken back
+        self.void: str | None = None  # without undo logs: why the sum holds what does not count
+
+    def add(self, stream: Any) -> Any:
+        with self.lock:
+            self.streams.append(stream)
+        return stream
+
+    def settle(self, accepted: Collection[str]) -> list[Any]:
+        """Stop every upload (later bytes are dropped), take back what the uploads that do not
+        count had folded, and return those that count: per accepted site, the first of its
+        uploads that closed whole and valid (the one the transport handed on)."""
+        if self.counted is not None:
+            return self.counted
+        with self.lock:
+            closed, streams = list(self.closed), list(self.streams)
+        counted: dict[str, Any] = {}
+        for s in closed:
+            if s.site in accepted and s.result.error is None:
+                counted.setdefault(s.site, s)
+        for s in streams:
+            keep = counted.get(s.site) is s
+            why = s.settle(keep)
+            if why is not None and self.undo:
+                self.undone[s.site] = why
+            elif why is not None and self.void is None:
+                self.void = (f"part of the update from {s.site} was already summed when it "
+                             f"was refused ({why}) and coordinator.streaming_undo is off, so "
+                             "the round is void")
+        self.counted = list(counted.values())
+        return self.counted
 
 
 @dataclass
@@ -75,42 +164,39 @@ class RoundSum:
     round_idx: int
     strategy: StrategyConfig
     max_norm: float | None = None
+    spill_dir: str | Path | None = None  # where the undo logs go (None: $TMPDIR)
+    undo: bool = True  # keep undo logs (False: a refused, partly summed upload voids the sum)
     names: list[str] = field(init=False)
     total: torch.Tensor = field(init=False)  # (n,) fp32
-    streams: list[SiteStream] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.names = sorted(self.global_params)
         self.total = torch.zeros(sum(t.numel() for t in self.global_params.values()))
         self._acc = self.total.numpy()  # the same memory, for numpy's in-place adds
-        self._lock = threading.Lock()  # uploads arrive on one thread per site
+        self.uploads = Folder(self.spill_dir, self.undo)
+
+    @property
+    def streams(self) -> list[SiteStream]:
+        return self.uploads.streams
 
     def open(self, site: str) -> SiteStream:
         """A sink for one upload of `site` (`fedsky.transport.frames.PayloadSink`)."""
-        stream = SiteStream(self, site)
-        with self._lock:
-            self.streams.append(stream)
-        return stream
+        return self.uploads.add(SiteStream(self, site))
 
-    def fold(self, start: int, values: np.ndarray) -> None:
-        """total[start : start + len(values)] += values (already weighted)."""
-        with self._lock:
-            self._acc[start : start + len(values)] += values
+    def fold(self, start: int, values: np.ndarray, sign: int = 1) -> None:
+        """total[start : start + len(values)] += values (already weighted); -= with sign -1."""
+        with self.uploads.lock:
+            part = self._acc[start : start + len(values)]
+            if sign > 0:
+                part += values
+            else:
+                part -= values
 
-    def void_reason(self, accepted: set[str]) -> str | None:
-        """Why the sum holds part of an update that does not count (None: it holds exactly
-        the accepted sites' updates)."""
-        for s in self.streams:
-            if s.folded and (s.site not in accepted or s.result is None or s.result.error):
-                why = s.error or "its upload never completed"
-                return (f"part of the update from {s.site} was already summed when it was "
-                        f"refused ({why}); a sum cannot give it back, so the round is void")
-        return None
-
-    def mean(self, accepted: set[str]) -> Params:
-        """The weighted mean delta of the accepted sites (consumes the sum: divided in place)."""
-        weight = math.fsum(float(s.weight) for s in self.streams
-                           if s.site in accepted and s.result is not None and not s.result.error)
+    def mean(self, accepted: Collection[str]) -> Params:
+        """The weighted mean delta of the accepted sites' uploads; what any other upload had
+        folded is taken back out first (consumes the sum: divided in place)."""
+        counted = self.uploads.settle(accepted)
+        weight = math.fsum(float(s.weight) for s in counted)
         self.total.div_(weight)
         return unflatten(self.total, self.global_params, self.names)
 
@@ -121,69 +207,81 @@ class SiteStream:
     def __init__(self, owner: RoundSum, site: str) -> None:
         self.owner = owner
         self.site = site
-        self.head = bytearray()  # the payload's first bytes, until its header is whole
+        self.reader = HeaderReader(site)
         self.header: dict[str, Any] = {}
-        self.values_at: int | None = None  # payload offset where the values start
         self.weight = np.float32(0)
         self.error: str | None = None  # set once: the rest of the upload is drained, unused
-        self.folded = 0  # bytes of values folded
+        self.folded = 0  # bytes of values folded (and in `log`)
         self.received = 0
         self.carry = b""  # a value split between two chunks
         self.norm_sq = 0.0
         self.scratch = np.empty(0, dtype=np.float32)  # an aligned copy of a chunk, reused
         self.result: Streamed | None = None
+        self.log: UndoLog | None = None  # opened with the first fold
+        self.settled = False  # the round took its sum: nothing more is folded
+        self._io = threading.Lock()  # one write at a time, and none while settling
         n = owner.total.numel()
         self.n = n
 
     def write(self, offset: int, data: memoryview) -> None:
         """Take bytes [offset, offset + len(data)); a bad update is remembered, not raised, so
         the site's stream stays open and it is told why (REJECT) like any rejected update."""
-        self.received += len(data)
-        if self.error is not None:
-            return
-        try:
-            if self.values_at is None:
-                data = self._take_header(data)
-            if len(data):
-                self._values(data)
-        except FedskyError as err:
-            self.error = str(err)
+        with self._io:
+            self.received += len(data)
+            if self.error is not None:
+                return
+            if self.settled:
+                self.error = f"update from {self.site} arrived after the round was summed"
+                return
+            try:
+                if self.reader.data_at is None:
+                    meta, data = self.reader.take(data)
+                    if meta is not None:
+                        self._check_header(meta)
+                if len(data):
+                    self._values(data)
+            except FedskyError as err:
+                self.error = str(err)
 
     def close(self) -> Streamed:
-        if self.error is None and (self.values_at is None or self.carry
-                                   or self.folded != 4 * self.n):
-            self.error = (f"update from {self.site} is truncated: {self.folded} of "
-                          f"{4 * self.n} value bytes")
-        self.result = Streamed(self.site, self.header, self.error, self.folded, self.received)
+        with self._io:
+            if self.error is None and (self.reader.data_at is None or self.carry
+                                       or self.folded != 4 * self.n):
+                self.error = (f"update from {self.site} is truncated: {self.folded} of "
+                              f"{4 * self.n} value bytes")
+            self.result = Streamed(self.site, self.header, self.error, self.folded,
+                                   self.received)
+        with self.owner.uploads.lock:
+            self.owner.uploads.closed.append(self)
         return self.result
 
-    def _take_header(self, data: memoryview) -> memoryview:
-        """Collect the header; what follows it (values) is returned."""
-        while self.values_at is None:
-            need = 8
-            if len(self.head) >= 8:
-                size = int.from_bytes(self.head[:8], "little")
-                if size > _MAX_HEADER_BYTES:
-                    raise FedskyError(f"update from {self.site}: a {size}-byte header")
-                need = 8 + size
-            take = need - len(self.head)
-            self.head += data[:take]
-            data = data[take:]
-            if len(self.head) < need:
-                return data
-            if need > 8:
-                self._check_header(bytes(self.head[8:]))
-                self.values_at = need
-        return data
+    def settle(self, keep: bool) -> str | None:
+        """The round is summed: drop the undo log, first subtracting what it holds unless this
+        upload counts. Returns why it was taken back (None: nothing was)."""
+        with self._io:
+            self.settled = True
+            log, self.log = self.log, None
+            if keep or not self.folded:
+                if log is not None:
+                    log.close()
+                return None
+            why = self.error or "its upload never completed"
+            if log is None:  # no undo log kept (RoundSum.undo off): the caller voids the sum
+                return why
+            try:
+                for at, block in log.blocks(0, self.folded):
+                    self.owner.fold(at // 4, np.frombuffer(block, dtype=np.float32), sign=-1)
+                return why
+            finally:
+                log.close()
 
-    def _check_header(self, raw: bytes) -> None:
+    def _check_header(self, meta: dict[str, Any]) -> None:
         """Everything about the update that its header tells, before any value counts."""
+        header, tensors = meta["header"], meta["tensors"]
         try:
-            meta = json.loads(raw)
-            header = json.loads(meta.pop("__metadata__")["fedsky"])
-            info = meta[_WIRE_TENSOR]
-            layout = (set(meta), info["dtype"], info["shape"], info["data_offsets"])
-        except (ValueError, KeyError, TypeError) as err:
+            info = tensors[_WIRE_TENSOR]
+            layout = (set(tensors), info["dtype"], info["shape"], info["data_offsets"])
+        except (KeyError, TypeError) as err:
             raise FedskyError(f"update from {self.site}: malformed payload header: {err!r}"
                               ) from None
         r = self.owner.round_idx
@@ -248,5 +346,9 @@ class SiteStream:
                               f"coordinator.max_update_norm = {bound:g}")
         if self.weight != 1:
             values *= self.weight  # the scratch copy
+        if self.owner.undo:
+            if self.log is None:
+                self.log = UndoLog(self.owner.spill_dir, f"the update from {self.site}")
+            self.log.record(4 * start, values)  # first: what is folded must be in the log
         self.owner.fold(start, values)
         self.folded += len(data)
