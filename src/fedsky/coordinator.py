@@ -198,7 +198,8 @@ def run_rounds(
             replies, dropped, bytes_up = got["replies"], got["dropped"], got["bytes_up"]
             bytes_down = {s: len(tasks[s]) for s in selected}
         else:
-            sec = run_secure_round(job, transport, r, tasks, global_params, he_public)
+            sec = run_secure_round(job, transport, r, tasks, global_params, he_public,
+                                   streamed, ctx.checkpoint_path.parent)
             replies, updates, mean = sec.trained, sec.updates, sec.mean
             dropped, bytes_up, bytes_down = list(sec.dropped), sec.bytes_up, sec.bytes_down
         downlink.confirm(replies)
@@ -230,7 +231,7 @@ def run_rounds(
             weights = ctx.strategy.weights(updates, state)
             global_params, state = ctx.strategy.aggregate(global_params, updates, state)
         else:  # streamed: the weights came with the sum; secure: the coordinator never saw them
-            weights = (ctx.strategy.weights(updates, state) if streamed
+            weights = (ctx.strategy.weights(updates, state) if job.secure is None
                        else {u.site: math.nan for u in updates})
             global_params, state = ctx.strategy.step(global_params, mean, state, updates)
         round_s = time.perf_counter() - t0

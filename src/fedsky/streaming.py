@@ -18,10 +18,12 @@ run of weighted values is also written to the upload's undo log (`fedsky.undo_lo
 unlinked file: page cache, not RSS), and a refused upload's runs are read back and subtracted
 before the mean is taken. The round goes on with the other sites, as on the buffered path.
 fp32 add-then-subtract is not bit-exact: the sum keeps rounding residue of the order of an ulp
-of the running sum per value (measured in `tests/test_streaming.py`: within 1e-6 of the
-buffered mean without that site).
+of the running sum per value (`tests/test_streaming.py` holds it to 1e-6 of the buffered mean
+without that site; 6e-8 measured). With `coordinator.streaming_undo` off no log is written,
+and such an update voids the round instead (skipped, model unchanged).
 Strategies that need every update at once (median, trimmed mean, the dynamic rules' softmax over
-all losses), central DP, secure aggregation and compressed uplinks take the buffered path.
+all losses), central DP and compressed uplinks take the buffered path. Masked (secure) rounds
+stream in `fedsky.streaming_masked`, on the same `Upload` and `Folder`.
 """
 
 from __future__ import annotations
@@ -130,6 +132,16 @@ class Folder:
             self.streams.append(stream)
         return stream
 
+    def fold(self, acc: np.ndarray, start: int, values: np.ndarray, sign: int) -> None:
+        """acc[start : start + len(values)] += values (wrapping mod 2^bits for unsigned
+        integers), or -= with sign -1; one fold at a time, whoever's upload it is."""
+        with self.lock:
+            view = acc[start : start + len(values)]
+            if sign > 0:
+                view += values
+            else:
+                view -= values
+
     def settle(self, accepted: Collection[str]) -> list[Any]:
         """Stop every upload (later bytes are dropped), take back what the uploads that do not
         count had folded, and return those that count: per accepted site, the first of its
@@ -153,6 +165,92 @@ class Folder:
                              "the round is void")
         self.counted = list(counted.values())
         return self.counted
+
+
+class Upload:
+    """What the sinks of both streamed sums (this module's, `fedsky.streaming_masked`'s)
+    share: one upload's header, then its data handed on as it arrives, an error remembered
+    rather than raised, and its undo log until the round is settled."""
+
+    what = "update"  # for messages
+
+    def __init__(self, folder: Folder, site: str) -> None:
+        self.folder = folder
+        self.site = site
+        self.reader = HeaderReader(site)
+        self.header: dict[str, Any] = {}
+        self.error: str | None = None  # set once: the rest of the upload is drained, unused
+        self.received = 0
+        self.folded = 0  # bytes of it added into the sum (all of them in `log`)
+        self.log: UndoLog | None = None  # opened with the first fold
+        self.settled = False  # the round took its sum: nothing more is folded
+        self.result: Streamed | None = None
+        self._io = threading.Lock()  # one write at a time, and none while settling
+
+    def write(self, offset: int, data: memoryview) -> None:
+        """Take bytes [offset, offset + len(data)); a bad update is remembered, not raised, so
+        the site's stream stays open and it is told why (REJECT) like any rejected update."""
+        with self._io:
+            self.received += len(data)
+            if self.error is not None:
+                return
+            if self.settled:
+                self.error = f"{self.what} from {self.site} arrived after the round was summed"
+                return
+            try:
+                if self.reader.data_at is None:
+                    meta, data = self.reader.take(data)
+                    if meta is not None:
+                        self._check_header(meta)
+                if len(data):
+                    self._data(data)
+            except FedskyError as err:
+                self.error = str(err)
+
+    def close(self) -> Streamed:
+        """The last byte arrived: the upload's result (an error if it is incomplete)."""
+        with self._io:
+            try:
+                if self.error is None:
+                    self._finish()
+            except FedskyError as err:
+                self.error = str(err)
+            self.result = Streamed(self.site, self.header, self.error, self.folded,
+                                   self.received)
+        with self.folder.lock:
+            self.folder.closed.append(self)
+        return self.result
+
+    def settle(self, keep: bool) -> str | None:
+        """The round is summed: drop the undo log, first subtracting what it holds unless this
+        upload counts. Returns why it was taken back (None: nothing was)."""
+        with self._io:
+            self.settled = True
+            log, self.log = self.log, None
+            if keep or not self.folded:
+                if log is not None:
+                    log.close()
+                return None
+            why = self.error or "its upload never completed"
+            if log is None:  # no undo log kept (RoundSum.undo off): the caller voids the sum
+                return why
+            try:
+                self._take_back(log)
+                return why
+            finally:
+                log.close()
+
+    def _check_header(self, meta: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _data(self, data: memoryview) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def _take_back(self, log: UndoLog) -> None:
+        raise NotImplementedError
 
 
 @dataclass
@@ -185,12 +283,7 @@ class RoundSum:
 
     def fold(self, start: int, values: np.ndarray, sign: int = 1) -> None:
         """total[start : start + len(values)] += values (already weighted); -= with sign -1."""
-        with self.uploads.lock:
-            part = self._acc[start : start + len(values)]
-            if sign > 0:
-                part += values
-            else:
-                part -= values
+        self.uploads.fold(self._acc, start, values, sign)
 
     def mean(self, accepted: Collection[str]) -> Params:
         """The weighted mean delta of the accepted sites' uploads; what any other upload had
@@ -201,79 +294,26 @@ class RoundSum:
         return unflatten(self.total, self.global_params, self.names)
 
 
-class SiteStream:
+class SiteStream(Upload):
     """One upload: parses the payload's header, then checks and folds each chunk of values."""
 
     def __init__(self, owner: RoundSum, site: str) -> None:
+        super().__init__(owner.uploads, site)
         self.owner = owner
-        self.site = site
-        self.reader = HeaderReader(site)
-        self.header: dict[str, Any] = {}
         self.weight = np.float32(0)
-        self.error: str | None = None  # set once: the rest of the upload is drained, unused
-        self.folded = 0  # bytes of values folded (and in `log`)
-        self.received = 0
         self.carry = b""  # a value split between two chunks
         self.norm_sq = 0.0
         self.scratch = np.empty(0, dtype=np.float32)  # an aligned copy of a chunk, reused
-        self.result: Streamed | None = None
-        self.log: UndoLog | None = None  # opened with the first fold
-        self.settled = False  # the round took its sum: nothing more is folded
-        self._io = threading.Lock()  # one write at a time, and none while settling
-        n = owner.total.numel()
-        self.n = n
+        self.n = owner.total.numel()
 
-    def write(self, offset: int, data: memoryview) -> None:
-        """Take bytes [offset, offset + len(data)); a bad update is remembered, not raised, so
-        the site's stream stays open and it is told why (REJECT) like any rejected update."""
-        with self._io:
-            self.received += len(data)
-            if self.error is not None:
-                return
-            if self.settled:
-                self.error = f"update from {self.site} arrived after the round was summed"
-                return
-            try:
-                if self.reader.data_at is None:
-                    meta, data = self.reader.take(data)
-                    if meta is not None:
-                        self._check_header(meta)
-                if len(data):
-                    self._values(data)
-            except FedskyError as err:
-                self.error = str(err)
-
-    def close(self) -> Streamed:
-        with self._io:
-            if self.error is None and (self.reader.data_at is None or self.carry
-                                       or self.folded != 4 * self.n):
-                self.error = (f"update from {self.site} is truncated: {self.folded} of "
+    def _finish(self) -> None:
+        if self.reader.data_at is None or self.carry or self.folded != 4 * self.n:
+            raise FedskyError(f"update from {self.site} is truncated: {self.folded} of "
                               f"{4 * self.n} value bytes")
-            self.result = Streamed(self.site, self.header, self.error, self.folded,
-                                   self.received)
-        with self.owner.uploads.lock:
-            self.owner.uploads.closed.append(self)
-        return self.result
 
-    def settle(self, keep: bool) -> str | None:
-        """The round is summed: drop the undo log, first subtracting what it holds unless this
-        upload counts. Returns why it was taken back (None: nothing was)."""
-        with self._io:
-            self.settled = True
-            log, self.log = self.log, None
-            if keep or not self.folded:
-                if log is not None:
-                    log.close()
-                return None
-            why = self.error or "its upload never completed"
-            if log is None:  # no undo log kept (RoundSum.undo off): the caller voids the sum
-                return why
-            try:
-                for at, block in log.blocks(0, self.folded):
-                    self.owner.fold(at // 4, np.frombuffer(block, dtype=np.float32), sign=-1)
-                return why
-            finally:
-                log.close()
+    def _take_back(self, log: UndoLog) -> None:
+        for at, block in log.blocks(0, self.folded):
+            self.owner.fold(at // 4, np.frombuffer(block, dtype=np.float32), sign=-1)
 
     def _check_header(self, meta: dict[str, Any]) -> None:
         """Everything about the update that its header tells, before any value counts."""
@@ -302,7 +342,7 @@ class SiteStream:
             raise FedskyError(f"update from {self.site}: weight {w} is not positive")
         self.header, self.weight = header, np.float32(w)
 
-    def _values(self, data: memoryview) -> None:
+    def _data(self, data: memoryview) -> None:
         if self.carry:  # complete the value split across chunks
             fill = 4 - len(self.carry)
             self.carry += bytes(data[:fill])
