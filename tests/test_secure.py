@@ -401,6 +401,35 @@ def test_a_refused_streamed_masked_reply_is_taken_back_out(tmp_path: Path, corpu
     assert "the part of c's masked reply already summed was taken back out" in caplog.text
 
 
+def _masked_payloads(length: int, sites: tuple[str, ...]) -> dict[str, bytes]:
+    """Masked replies as `secure_site.masked_reply` packs them (16-bit values, a masked
+    weight, one plain tensor "b" of shape (3, 2)): random, since only their sums matter."""
+    from fedsky.wire import pack
+
+    rng = np.random.default_rng(0)
+    return {s: pack({"masked": torch.from_numpy(rng.integers(0, 2**16, length, dtype=np.uint16)
+                                                .view(np.uint8)),
+                     "masked_weight": torch.from_numpy(rng.integers(0, 256, 4, np.uint8)),
+                     "plain/b": torch.randn(3, 2)}, {"round": 3, "site": s, "phase": "masked"})
+            for s in sites}
+
+
+def test_a_masked_reply_of_the_wrong_size_is_refused_before_any_of_it_is_summed(
+        tmp_path: Path, corpus_file: Path) -> None:
+    from fedsky.streaming_masked import MaskedSum
+
+    job, _ = load_job(tiny_job(tmp_path, corpus_file),
+                      ["secure={bits=16, rules=[{pattern='^b$', route='plain'}]}"])
+    like = {"a": torch.zeros(5), "b": torch.zeros(3, 2), "c": torch.zeros(7)}
+    acc = MaskedSum(job, like, 3, 12, tmp_path)
+    payload = _masked_payloads(11, ("a",))["a"]  # one value short
+    stream = acc.open("a")
+    stream.write(0, memoryview(payload))
+    result = stream.close()
+    assert "tensor masked is" in result.error and "expected U8 [24]" in result.error
+    assert result.folded == 0 and acc.settle(set()) == [] and acc.uploads.undone == {}
+
+
 def test_masked_sums_taken_in_7_byte_pieces_equal_the_buffered_sums(tmp_path: Path,
                                                                     corpus_file: Path) -> None:
     """Elements split across pieces, a `plain` tensor that arrives before the masked vector
@@ -408,18 +437,12 @@ def test_masked_sums_taken_in_7_byte_pieces_equal_the_buffered_sums(tmp_path: Pa
     plain part: it is refused at its end, and the sums are exactly the other two's."""
     from fedsky.secure_round import _add, _check_masked
     from fedsky.streaming_masked import MaskedSum
-    from fedsky.wire import pack
 
     job, _ = load_job(tiny_job(tmp_path, corpus_file),
                       ["secure={bits=16, rules=[{pattern='^b$', route='plain'}]}"])
     like = {"a": torch.zeros(5), "b": torch.zeros(3, 2), "c": torch.zeros(7)}
     by_route = {"mask": ["a", "c"], "he": [], "plain": ["b"]}
-    rng = np.random.default_rng(0)
-    payloads = {s: pack({"masked": torch.from_numpy(rng.integers(0, 2**16, 12, dtype=np.uint16)
-                                                    .view(np.uint8)),
-                         "masked_weight": torch.from_numpy(rng.integers(0, 256, 4, np.uint8)),
-                         "plain/b": torch.randn(3, 2)}, {"round": 3, "site": s, "phase": "masked"})
-                for s in ("a", "b", "c")}
+    payloads = _masked_payloads(12, ("a", "b", "c"))
     bad = bytearray(payloads["c"])
     bad[-30] ^= 1  # in plain/b, which arrives first: the digest finds it at the very end
     payloads["c"] = bytes(bad)

@@ -78,8 +78,12 @@ def test_the_streamed_sum_is_the_buffered_weighted_mean(chunk: int) -> None:
         (lambda d: reply("s1", {"w": d["w"]}), "not the model's 26 values"),  # wrong shape
         # over the norm bound in its first chunk already
         (lambda d: reply("s1", {k: v * 1e6 for k, v in d.items()}), "over the bound"),
+        # headers no site would send: empty, and JSON that is not an object
+        (lambda d: bytes(8) + bytes(200), "a 0-byte header"),
+        (lambda d: (5).to_bytes(8, "little") + b'"abc"' + bytes(200),
+         "malformed payload header"),
     ],
-    ids=["wrong-round", "wrong-shape", "huge-norm"],
+    ids=["wrong-round", "wrong-shape", "huge-norm", "empty-header", "string-header"],
 )
 def test_a_bad_update_is_refused_before_any_of_it_is_summed(bad, reason) -> None:
     d = deltas()

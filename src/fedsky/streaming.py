@@ -90,7 +90,7 @@ class HeaderReader:
         need = 8
         if len(self.head) >= 8:
             size = int.from_bytes(self.head[:8], "little")
-            if size > _MAX_HEADER_BYTES:
+            if not 2 <= size <= _MAX_HEADER_BYTES:  # the shortest JSON object is "{}"
                 raise FedskyError(f"update from {self.site}: a {size}-byte header")
             need = 8 + size
         take = need - len(self.head)
@@ -103,7 +103,7 @@ class HeaderReader:
         try:
             meta = json.loads(bytes(self.head[8:]))
             header = json.loads(meta.pop("__metadata__")["fedsky"])
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise FedskyError(f"update from {self.site}: malformed payload header: {err!r}"
                               ) from None
         if not isinstance(meta, dict) or not isinstance(header, dict):

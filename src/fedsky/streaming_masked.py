@@ -23,6 +23,7 @@ on the buffered path, and the unmask phase recovers its pairwise masks.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,8 +175,8 @@ class MaskedStream(Upload):
                 ok = False
             if not ok or part.end - part.start != part.nbytes:
                 raise FedskyError(f"masked reply from {self.site}: tensor {name} is "
-                                  f"{info.get('dtype')} {info.get('shape')}, expected "
-                                  f"{part.dtype} {part.shape}")
+                                  f"{json.dumps(info)[:200]}, expected {part.dtype} "
+                                  f"{part.shape} in {part.nbytes} bytes")
         self.parts = sorted(want.values(), key=lambda p: p.start)
         at = 0
         for part in self.parts:  # the tensors' bytes tile the data section, in order
