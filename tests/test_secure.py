@@ -474,3 +474,70 @@ def test_only_rounds_with_a_ckks_route_buffer_when_streaming(tmp_path: Path,
         job, _ = load_job(tiny_job(tmp_path, corpus_file), [secure, STREAM])
         reason = why_not_streamed(job, like)
         assert reason is None if why is None else why in reason, (secure, reason)
+
+
+def test_a_masked_round_streamed_over_grpc_equals_the_buffered_one(tmp_path: Path) -> None:
+    """The real transport's sink path: one secure round (keys, shares, masked, unmask) with
+    three mutual-TLS sites that mask a known update with the real site code, one of them
+    dropping after the key exchange; streamed and buffered give the same bits."""
+    import math
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedsky import certs, secure_site
+    from fedsky.config import parse_job
+    from fedsky.secure_round import run_secure_round
+    from fedsky.transport.grpc_coordinator import GrpcTransport
+    from fedsky.transport.grpc_worker import serve_site
+    from fedsky.wire import pack
+
+    sites = ("s0", "s1", "s2")
+    job = parse_job({"name": "g", "seed": 1, "data": {"format": "text", "train": "x.txt"},
+                     "sites": [{"name": s} for s in sites], "secure": {"threshold": 2}})
+    n = 300_000  # 1.2 MB masked vectors: two 1 MiB chunks each
+    like = {"v": torch.zeros(n)}
+    server, tls = certs.throwaway_pki(tmp_path / "pki", sites, "127.0.0.1")
+
+    def factory(name: str, setup: bytes):
+        k, state = sites.index(name), {}
+
+        def handle(task: bytes) -> bytes:
+            tensors, header = unpack(task)
+            phase = header.get("phase", "train")
+            if phase == "train":
+                delta = {"v": torch.linspace(-1, 1, n) * (k + 1)}
+                state["p"] = secure_site.PendingRound(header["round"], delta, math.log(k + 1))
+                return secure_site.keys_reply(job, name, state["p"],
+                                              {"tokens": 1, "compute_s": "0"})
+            if phase == "shares":
+                return secure_site.shares_reply(job, name, state["p"], header)
+            if phase == "masked":
+                if name == "s2" and header["round"] % 2:
+                    raise FedskyError("s2 dropped after the key exchange (injected)")
+                return secure_site.masked_reply(job, name, state["p"], header, None, k)
+            return secure_site.unmask_reply(job, name, state["p"], header, tensors, None)
+
+        return handle
+
+    transport = GrpcTransport("127.0.0.1", 0, sites, tls=server)
+    means, outs = {}, {}
+    with ThreadPoolExecutor(3) as pool:
+        for s in sites:
+            pool.submit(serve_site, f"127.0.0.1:{transport.port}", s, factory, tls=tls[s])
+        try:
+            assert sorted(transport.start(list(sites), b"")) == list(sites)
+            for r, streamed in ((0, False), (2, True), (1, False), (3, True)):
+                # rounds 0 and 2: everyone; 1 and 3 (odd): s2 drops after the key exchange
+                out = run_secure_round(job, transport, r, {s: pack({}, {"round": r})
+                                                           for s in sites},
+                                       like, streamed=streamed, spill_dir=tmp_path)
+                assert out.failed is None, out.failed
+                means[r], outs[r] = out.mean["v"], out
+        finally:
+            transport.close()
+    assert torch.equal(means[0], means[2]) and torch.equal(means[1], means[3])
+    assert not torch.equal(means[0], means[1])
+    for r in (1, 3):
+        assert outs[r].info["dropped_after_keys"] == ["s2"] and len(outs[r].updates) == 2
+    # sum_k w_k (k + 1) / sum_k w_k with w = 1, 2, 3 (then 1, 2): 14/6 and 5/3, times linspace
+    torch.testing.assert_close(means[2], torch.linspace(-1, 1, n) * 14 / 6, atol=1e-6, rtol=0)
+    torch.testing.assert_close(means[3], torch.linspace(-1, 1, n) * 5 / 3, atol=1e-6, rtol=0)
