@@ -49,6 +49,42 @@ def test_masked_sum_is_the_exact_integer_sum_with_dropouts(bits: int, dropped: t
     assert np.array_equal(out, expected)
 
 
+@pytest.mark.parametrize("bits", [8, 16, 32])
+def test_prg_blocks_are_the_whole_sequence_and_streams_share_no_keystream(bits: int) -> None:
+    seed = bytes(range(32))
+    whole = secagg.prg(seed, 1000, bits)
+    for offset in (0, 1, 15, 16, 17, 64, 999):  # a block costs only that block
+        assert np.array_equal(secagg.prg(seed, min(50, 1000 - offset), bits, offset=offset),
+                              whole[offset : offset + 50])
+    # The masked weight (stream 1) once reused the masked vector's keystream 64 bytes on
+    # (ChaCha20's block counter was the stream), so its mask was element 16's (32 bits).
+    other = secagg.prg(seed, 16, bits, stream=1).view(np.uint8)
+    raw = whole.view(np.uint8)
+    assert not any(np.array_equal(raw[i : i + 16], other) for i in range(len(raw) - 15))
+
+
+def test_unmasking_block_by_block_equals_the_whole_vector() -> None:
+    from fedsky.secure_round import _decode_masked
+
+    like = {"a": torch.zeros(5, 3), "b": torch.zeros(7), "c": torch.zeros(2, 2)}
+    ranges, seeds = {"a": -3, "b": 1, "c": -7}, [bytes([i]) * 32 for i in range(3)]
+    rng = np.random.default_rng(0)
+    for chosen in (None, rng.random(26) < 0.4):  # dense, and a randk support
+        total = rng.integers(0, 2**16, 26 if chosen is None else int(chosen.sum()),
+                             dtype=np.uint16)
+
+        def strip(block: np.ndarray, at: int) -> np.ndarray:
+            return secagg.unmask(block, seeds, {}, {}, 16, "t", offset=at)
+
+        whole = _decode_masked(total, strip, list(like), like, ranges, 1000, 16, 2.5, chosen,
+                               block_values=len(total))
+        for size in (1, 7):
+            blocks = _decode_masked(total, strip, list(like), like, ranges, 1000, 16, 2.5,
+                                    chosen, block_values=size)
+            assert all(torch.equal(whole[n], blocks[n]) for n in like)
+        assert not all(torch.equal(whole[n], torch.zeros_like(whole[n])) for n in like)
+
+
 def test_fixed_point_sum_is_within_the_quantization_bound() -> None:
     rng = np.random.default_rng(1)
     xs = [rng.normal(0, 0.3, 5000) for _ in range(3)]
@@ -316,3 +352,191 @@ def test_randk_with_a_shared_seed_composes_with_masking(tmp_path: Path,
     assert _max_diff(plain, masked) < 1e-5  # same support, same residuals, same model
     assert sum(recs[-1]["bytes_up"].values()) < 0.4 * sum(
         _run(tmp_path / "dense", corpus_file, "secure={}", rounds=2)[1][-1]["bytes_up"].values())
+
+
+# ---- streamed masked rounds (coordinator.streaming) -------------------------------------------
+
+STREAM = "coordinator.streaming=true"
+
+
+def _same(p: dict, q: dict) -> bool:
+    return p.keys() == q.keys() and all(torch.equal(p[k], q[k]) for k in p)
+
+
+@pytest.mark.parametrize("gone", [(), ("c",)])
+def test_a_streamed_masked_round_is_bit_identical_to_the_buffered_one(
+        tmp_path: Path, corpus_file: Path, caplog, gone: tuple) -> None:
+    # n_embd 160: 1.5 MB masked vectors, so each arrives in two 1 MiB pieces
+    args = ("secure={threshold=2}", "model.n_embd=160")
+    buffered, brecs = _run(tmp_path / "buffered", corpus_file, *args,
+                           factory=faulty(dict.fromkeys(gone, "masked")))
+    with caplog.at_level("WARNING"):
+        streamed, recs = _run(tmp_path / "streamed", corpus_file, *args, STREAM,
+                              factory=faulty(dict.fromkeys(gone, "masked")))
+    assert "every update is buffered instead" not in caplog.text
+    assert _same(streamed, buffered)  # integer sums mod 2^32 are exact
+    assert recs[0]["participants"] == brecs[0]["participants"] == [
+        s for s in ("a", "b", "c") if s not in gone]
+    assert recs[0]["secure"]["dropped_after_keys"] == list(gone)
+    assert recs[0]["bytes_up"] == brecs[0]["bytes_up"]
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_a_refused_streamed_masked_reply_is_taken_back_out(tmp_path: Path, corpus_file: Path,
+                                                           caplog, how: str) -> None:
+    """c's masked reply is damaged after it was packed (its digest no longer matches, or its
+    last bytes are missing): found at its end, after all of it was summed."""
+    args = ("secure={threshold=2}", "model.n_embd=160")
+    buffered, brecs = _run(tmp_path / "buffered", corpus_file, *args,
+                           factory=faulty({}, {"c": how}))
+    with caplog.at_level("INFO", logger="fedsky.secure"):
+        streamed, recs = _run(tmp_path / "streamed", corpus_file, *args, STREAM,
+                              factory=faulty({}, {"c": how}))
+    assert _same(streamed, buffered)
+    assert recs[0]["participants"] == brecs[0]["participants"] == ["a", "b"]
+    assert recs[0]["secure"]["dropped_after_keys"] == ["c"]
+    reason = recs[0]["secure"]["dropped"]["c"]
+    assert ("corrupted payload" if how == "flip" else "is truncated") in reason
+    assert "the part of c's masked reply already summed was taken back out" in caplog.text
+
+
+def _masked_payloads(length: int, sites: tuple[str, ...]) -> dict[str, bytes]:
+    """Masked replies as `secure_site.masked_reply` packs them (16-bit values, a masked
+    weight, one plain tensor "b" of shape (3, 2)): random, since only their sums matter."""
+    from fedsky.wire import pack
+
+    rng = np.random.default_rng(0)
+    return {s: pack({"masked": torch.from_numpy(rng.integers(0, 2**16, length, dtype=np.uint16)
+                                                .view(np.uint8)),
+                     "masked_weight": torch.from_numpy(rng.integers(0, 256, 4, np.uint8)),
+                     "plain/b": torch.randn(3, 2)}, {"round": 3, "site": s, "phase": "masked"})
+            for s in sites}
+
+
+def test_a_masked_reply_of_the_wrong_size_is_refused_before_any_of_it_is_summed(
+        tmp_path: Path, corpus_file: Path) -> None:
+    from fedsky.streaming_masked import MaskedSum
+
+    job, _ = load_job(tiny_job(tmp_path, corpus_file),
+                      ["secure={bits=16, rules=[{pattern='^b$', route='plain'}]}"])
+    like = {"a": torch.zeros(5), "b": torch.zeros(3, 2), "c": torch.zeros(7)}
+    acc = MaskedSum(job, like, 3, 12, tmp_path)
+    payload = _masked_payloads(11, ("a",))["a"]  # one value short
+    stream = acc.open("a")
+    stream.write(0, memoryview(payload))
+    result = stream.close()
+    assert "tensor masked is" in result.error and "expected U8 [24]" in result.error
+    assert result.folded == 0 and acc.settle(set()) == [] and acc.uploads.undone == {}
+
+
+def test_masked_sums_taken_in_7_byte_pieces_equal_the_buffered_sums(tmp_path: Path,
+                                                                    corpus_file: Path) -> None:
+    """Elements split across pieces, a `plain` tensor that arrives before the masked vector
+    (safetensors puts fp32 first) but is hashed after it, and one reply corrupted in its
+    plain part: it is refused at its end, and the sums are exactly the other two's."""
+    from fedsky.secure_round import _add, _check_masked
+    from fedsky.streaming_masked import MaskedSum
+
+    job, _ = load_job(tiny_job(tmp_path, corpus_file),
+                      ["secure={bits=16, rules=[{pattern='^b$', route='plain'}]}"])
+    like = {"a": torch.zeros(5), "b": torch.zeros(3, 2), "c": torch.zeros(7)}
+    by_route = {"mask": ["a", "c"], "he": [], "plain": ["b"]}
+    payloads = _masked_payloads(12, ("a", "b", "c"))
+    bad = bytearray(payloads["c"])
+    bad[-30] ^= 1  # in plain/b, which arrives first: the digest finds it at the very end
+    payloads["c"] = bytes(bad)
+    acc = MaskedSum(job, like, 3, 12, tmp_path)
+    streams = {s: acc.open(s) for s in payloads}
+    for at in range(0, len(payloads["a"]), 7):
+        for s, p in payloads.items():
+            streams[s].write(at, memoryview(p)[at : at + 7])
+    results = {s: st.close() for s, st in streams.items()}
+    assert results["a"].error is None and results["b"].error is None
+    assert "corrupted payload from c" in results["c"].error and results["c"].folded > 0
+    assert sorted(acc.settle({"a", "b"})) == ["a", "b"] and list(acc.uploads.undone) == ["c"]
+    inputs = {s: _check_masked(job, by_route, 12, like, *unpack(payloads[s])) for s in "ab"}
+    expected = _add(job, by_route, inputs, None, like)
+    assert expected.keys() == acc.sums.keys()
+    for key, value in expected.items():
+        assert (torch.equal(value, acc.sums[key]) if key.startswith("plain/")
+                else np.array_equal(value, acc.sums[key])), key
+
+
+def test_only_rounds_with_a_ckks_route_buffer_when_streaming(tmp_path: Path,
+                                                            corpus_file: Path) -> None:
+    from fedsky.streaming import why_not_streamed
+
+    like = {"transformer.wte.weight": torch.zeros(2), "transformer.h.0.mlp.c_fc.weight":
+            torch.zeros(2)}
+    for secure, why in ((HYBRID, "CKKS ciphertexts"), ("secure={sensitive='plain'}", None),
+                        ("secure={}", None)):
+        job, _ = load_job(tiny_job(tmp_path, corpus_file), [secure, STREAM])
+        reason = why_not_streamed(job, like)
+        assert reason is None if why is None else why in reason, (secure, reason)
+
+
+def test_a_masked_round_streamed_over_grpc_equals_the_buffered_one(tmp_path: Path) -> None:
+    """The real transport's sink path: one secure round (keys, shares, masked, unmask) with
+    three mutual-TLS sites that mask a known update with the real site code, one of them
+    dropping after the key exchange; streamed and buffered give the same bits."""
+    import math
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedsky import certs, secure_site
+    from fedsky.config import parse_job
+    from fedsky.secure_round import run_secure_round
+    from fedsky.transport.grpc_coordinator import GrpcTransport
+    from fedsky.transport.grpc_worker import serve_site
+    from fedsky.wire import pack
+
+    sites = ("s0", "s1", "s2")
+    job = parse_job({"name": "g", "seed": 1, "data": {"format": "text", "train": "x.txt"},
+                     "sites": [{"name": s} for s in sites], "secure": {"threshold": 2}})
+    n = 300_000  # 1.2 MB masked vectors: two 1 MiB chunks each
+    like = {"v": torch.zeros(n)}
+    server, tls = certs.throwaway_pki(tmp_path / "pki", sites, "127.0.0.1")
+
+    def factory(name: str, setup: bytes):
+        k, state = sites.index(name), {}
+
+        def handle(task: bytes) -> bytes:
+            tensors, header = unpack(task)
+            phase = header.get("phase", "train")
+            if phase == "train":
+                delta = {"v": torch.linspace(-1, 1, n) * (k + 1)}
+                state["p"] = secure_site.PendingRound(header["round"], delta, math.log(k + 1))
+                return secure_site.keys_reply(job, name, state["p"],
+                                              {"tokens": 1, "compute_s": "0"})
+            if phase == "shares":
+                return secure_site.shares_reply(job, name, state["p"], header)
+            if phase == "masked":
+                if name == "s2" and header["round"] % 2:
+                    raise FedskyError("s2 dropped after the key exchange (injected)")
+                return secure_site.masked_reply(job, name, state["p"], header, None, k)
+            return secure_site.unmask_reply(job, name, state["p"], header, tensors, None)
+
+        return handle
+
+    transport = GrpcTransport("127.0.0.1", 0, sites, tls=server)
+    means, outs = {}, {}
+    with ThreadPoolExecutor(3) as pool:
+        for s in sites:
+            pool.submit(serve_site, f"127.0.0.1:{transport.port}", s, factory, tls=tls[s])
+        try:
+            assert sorted(transport.start(list(sites), b"")) == list(sites)
+            for r, streamed in ((0, False), (2, True), (1, False), (3, True)):
+                # rounds 0 and 2: everyone; 1 and 3 (odd): s2 drops after the key exchange
+                out = run_secure_round(job, transport, r, {s: pack({}, {"round": r})
+                                                           for s in sites},
+                                       like, streamed=streamed, spill_dir=tmp_path)
+                assert out.failed is None, out.failed
+                means[r], outs[r] = out.mean["v"], out
+        finally:
+            transport.close()
+    assert torch.equal(means[0], means[2]) and torch.equal(means[1], means[3])
+    assert not torch.equal(means[0], means[1])
+    for r in (1, 3):
+        assert outs[r].info["dropped_after_keys"] == ["s2"] and len(outs[r].updates) == 2
+    # sum_k w_k (k + 1) / sum_k w_k with w = 1, 2, 3 (then 1, 2): 14/6 and 5/3, times linspace
+    torch.testing.assert_close(means[2], torch.linspace(-1, 1, n) * 14 / 6, atol=1e-6, rtol=0)
+    torch.testing.assert_close(means[3], torch.linspace(-1, 1, n) * 5 / 3, atol=1e-6, rtol=0)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -29,11 +31,13 @@ GLOBAL = {"b": torch.zeros(5), "w": torch.zeros(7, 3)}
 SAMPLES = {"s0": 10, "s1": 30, "s2": 60}
 
 
-def reply(site: str, delta: dict[str, torch.Tensor], round_idx: int = 3) -> bytes:
+def reply(site: str, delta: dict[str, torch.Tensor], round_idx: int = 3,
+          num_samples: int | None = None) -> bytes:
     """What a site sends with the plain fp32 uplink (as `fedsky.site` packs it)."""
     enc = make_codec(CodecConfig()).uplink.encode(delta, RoundSeeds(0, 0))
     return pack(enc.tensors, {"round": round_idx, "site": site, "codec": enc.header,
-                              "num_samples": SAMPLES[site]})
+                              "num_samples": SAMPLES[site] if num_samples is None else num_samples,
+                              "tokens": 1, "train_loss": 0.0, "compute_s": 0.0})
 
 
 def deltas() -> dict[str, dict[str, torch.Tensor]]:
@@ -60,8 +64,8 @@ def test_the_streamed_sum_is_the_buffered_weighted_mean(chunk: int) -> None:
     acc = RoundSum(GLOBAL, 3, FedAvgConfig())
     results = feed_interleaved(acc, {s: reply(s, d[s]) for s in d}, chunk)
     assert all(r.error is None for r in results.values())
-    assert acc.void_reason(set(d)) is None
     mean = acc.mean(set(d))
+    assert acc.uploads.undone == {}
     expected = weighted_mean(list(d.values()), [float(SAMPLES[s]) for s in d])
     for name in GLOBAL:
         torch.testing.assert_close(mean[name], expected[name], rtol=0, atol=1e-6)
@@ -74,8 +78,12 @@ def test_the_streamed_sum_is_the_buffered_weighted_mean(chunk: int) -> None:
         (lambda d: reply("s1", {"w": d["w"]}), "not the model's 26 values"),  # wrong shape
         # over the norm bound in its first chunk already
         (lambda d: reply("s1", {k: v * 1e6 for k, v in d.items()}), "over the bound"),
+        # headers no site would send: empty, and JSON that is not an object
+        (lambda d: bytes(8) + bytes(200), "a 0-byte header"),
+        (lambda d: (5).to_bytes(8, "little") + b'"abc"' + bytes(200),
+         "malformed payload header"),
     ],
-    ids=["wrong-round", "wrong-shape", "huge-norm"],
+    ids=["wrong-round", "wrong-shape", "huge-norm", "empty-header", "string-header"],
 )
 def test_a_bad_update_is_refused_before_any_of_it_is_summed(bad, reason) -> None:
     d = deltas()
@@ -85,9 +93,9 @@ def test_a_bad_update_is_refused_before_any_of_it_is_summed(bad, reason) -> None
     results = feed_interleaved(acc, payloads, 64)
     assert reason in results["s1"].error and results["s1"].folded == 0
     good = {"s0", "s2"}
-    assert acc.void_reason(good) is None  # the round goes on without s1, exactly
     expected = weighted_mean([d["s0"], d["s2"]], [10.0, 60.0])
     mean = acc.mean(good)
+    assert acc.uploads.undone == {}  # nothing of s1 was summed: nothing to take back
     for name in GLOBAL:
         torch.testing.assert_close(mean[name], expected[name], rtol=0, atol=1e-6)
 
@@ -109,23 +117,51 @@ def _last_value(value: float) -> Callable[[dict[str, torch.Tensor]], bytes]:
     ],
     ids=["nan-late", "huge-norm", "inf-late"],
 )
-def test_an_update_found_bad_after_part_was_summed_voids_the_round(bad, max_norm,
-                                                                   reason) -> None:
+def test_an_update_found_bad_after_part_was_summed_is_taken_back_out(bad, max_norm,
+                                                                     reason) -> None:
     d = deltas()
     payloads = {s: reply(s, d[s]) for s in d}
     payloads["s1"] = bad(d["s1"])
     acc = RoundSum(GLOBAL, 3, FedAvgConfig(), max_norm=max_norm)
     results = feed_interleaved(acc, payloads, 64)
     assert reason in results["s1"].error and results["s1"].folded > 0
-    assert "so the round is void" in acc.void_reason({"s0", "s2"})
+    mean = acc.mean({"s0", "s2"})  # the round goes on without s1, as buffered
+    assert reason in acc.uploads.undone["s1"]
+    expected = weighted_mean([d["s0"], d["s2"]], [10.0, 60.0])
+    for name in GLOBAL:
+        torch.testing.assert_close(mean[name], expected[name], rtol=0, atol=1e-6)
 
 
-def test_an_upload_that_never_completes_voids_the_round() -> None:
+def test_without_undo_logs_a_late_refusal_voids_the_sum() -> None:
+    """coordinator.streaming_undo = false: nothing is logged, so the sum cannot be trusted."""
     d = deltas()
-    acc = RoundSum(GLOBAL, 3, FedAvgConfig())
-    payload = reply("s0", d["s0"])
-    acc.open("s0").write(0, memoryview(payload)[: len(payload) - 8])  # the site vanished
-    assert "its upload never completed" in acc.void_reason(set())
+    payloads = {s: reply(s, d[s]) for s in d}
+    payloads["s1"] = _last_value(float("nan"))(d["s1"])
+    acc = RoundSum(GLOBAL, 3, FedAvgConfig(), undo=False)
+    results = feed_interleaved(acc, payloads, 64)
+    assert results["s1"].folded > 0 and acc.streams[1].log is None
+    acc.uploads.settle({"s0", "s2"})
+    assert "streaming_undo is off, so the round is void" in acc.uploads.void
+    assert acc.uploads.undone == {}
+
+
+def test_an_upload_that_never_completes_is_taken_back_out(tmp_path: Path) -> None:
+    d = deltas()
+    acc = RoundSum(GLOBAL, 3, FedAvgConfig(), spill_dir=tmp_path)
+    payloads = {s: reply(s, d[s]) for s in d}
+    acc.open("s0").write(0, memoryview(payloads["s0"])[: len(payloads["s0"]) - 8])  # vanished
+    late = acc.open("s1")  # still uploading when the round is summed
+    late.write(0, memoryview(payloads["s1"])[:-8])
+    for s in ("s1", "s2"):  # s1's first upload was cut; it sent the whole reply again
+        feed_interleaved(acc, {s: payloads[s]}, 64)
+    mean = acc.mean({"s1", "s2"})
+    assert set(acc.uploads.undone) == {"s0", "s1"}  # s0's part, and s1's unfinished one
+    assert os.listdir(tmp_path) == []  # the undo logs are unlinked files
+    late.write(len(payloads["s1"]) - 8, memoryview(payloads["s1"])[-8:])
+    assert "after the round was summed" in late.close().error  # and it changes nothing
+    expected = weighted_mean([d["s1"], d["s2"]], [30.0, 60.0])
+    for name in GLOBAL:
+        torch.testing.assert_close(mean[name], expected[name], rtol=0, atol=1e-6)
 
 
 def test_a_streamed_run_gives_the_buffered_result(tmp_path: Path, corpus_file: Path) -> None:
@@ -156,6 +192,121 @@ def test_a_streamed_run_gives_the_buffered_result(tmp_path: Path, corpus_file: P
     # the checkpoint says who contributed to the round it holds
     info = checkpoint_info(tmp_path / "streamed" / "checkpoint.safetensors")
     assert info == {"contributors": ["a", "b", "c"], "dropped": []}
+
+
+def late_fault(site: str, value: float):
+    """The real site factory, but `site` replies with `value` as its update's last value (a
+    NaN, or a spike past the norm bound, in the upload's last chunk)."""
+    from fedsky.site import site_factory
+    from fedsky.wire import unpack
+
+    inner = site_factory()
+
+    def factory(name: str, setup: bytes):
+        handler = inner(name, setup)
+        if name != site:
+            return handler
+
+        def handle(task: bytes) -> bytes:
+            tensors, header = unpack(handler(task))
+            tensors["v"][-1] = value
+            return pack(tensors, header)
+
+        return handle
+
+    return factory
+
+
+@pytest.mark.parametrize(("value", "reason"), [(float("nan"), "include NaN or Inf"),
+                                               (1e6, "over the bound")], ids=["nan", "norm"])
+def test_a_run_with_an_update_refused_late_equals_the_buffered_run(
+        tmp_path: Path, corpus_file: Path, caplog, value: float, reason: str) -> None:
+    from conftest import tiny_job
+
+    from fedsky.checkpoint import load_checkpoint
+    from fedsky.config import load_job
+    from fedsky.metrics import read_metrics
+    from fedsky.runner import run_federated
+
+    job_path = tiny_job(tmp_path, corpus_file, "threads = 1\n", rounds=1)
+    out = {}
+    for mode in ("buffered", "streamed"):
+        # n_embd 160: 1.5 MB updates, so b's last value is in its second 1 MiB piece
+        job, job_dir = load_job(job_path, [f'output_dir="{tmp_path / mode}"',
+                                           "model.n_embd=160", "coordinator.max_update_norm=1e3",
+                                           f"coordinator.streaming={mode == 'streamed'}"])
+        with caplog.at_level("INFO", logger="fedsky.coordinator"):
+            run_federated(job, job_dir, "inprocess", factory=late_fault("b", value))
+        out[mode] = load_checkpoint(tmp_path / mode / "checkpoint.safetensors")[1]
+        assert sum(v.numel() for v in out[mode].values()) > 1 << 18
+        [rec] = read_metrics(tmp_path / mode)
+        assert "skipped" not in rec and rec["participants"] == ["a", "c"], rec
+        assert rec["dropped"] == ["b"]
+    assert re.search(rf"rejected update from b: .*{reason}", caplog.text)
+    assert "the part of b's update already summed was taken back out" in caplog.text
+    # The streamed sum is fp32 with b's part added and subtracted, the buffered mean fp64:
+    # they agree to the last bits (max |difference| measured: see the report / docs).
+    diff = max(float((out["streamed"][k] - v).abs().max()) for k, v in out["buffered"].items())
+    print(f"max |streamed - buffered| = {diff:.3g}")
+    assert diff <= 1e-6, diff
+
+
+def test_over_grpc_a_late_nan_and_a_site_killed_mid_upload_leave_the_others_mean(
+        tmp_path: Path, corpus_file: Path, caplog) -> None:
+    """Four real mutual-TLS sites: a sends a NaN in its last chunk (it is told why), b and d
+    are good, c dies after its first 1 MiB chunk. The round is b's and d's weighted mean."""
+    from conftest import tiny_job
+    from test_faults import RawSite
+
+    from fedsky import certs
+    from fedsky.config import load_job
+    from fedsky.coordinator import gather_streamed
+    from fedsky.transport import frames
+    from fedsky.transport.frames import Kind, Message
+    from fedsky.transport.grpc_coordinator import GrpcTransport
+    from fedsky.transport.grpc_worker import serve_site
+
+    sites = ("a", "b", "c", "d")
+    job, _ = load_job(tiny_job(tmp_path, corpus_file, sites=sites), ["training.threads=1"])
+    like = {"v": torch.zeros(1 << 19)}  # 2 MiB: two chunks and a bit
+    gen = torch.Generator().manual_seed(1)
+    deltas = {s: {"v": torch.randn(1 << 19, generator=gen)} for s in sites}
+    deltas["a"]["v"][-1] = float("nan")
+    samples = {"a": 5, "b": 20, "c": 40, "d": 60}
+    payloads = {s: reply(s, deltas[s], 3, samples[s]) for s in sites}
+    server, tls = certs.throwaway_pki(tmp_path / "pki", sites, "127.0.0.1")
+    transport = GrpcTransport("127.0.0.1", 0, sites, tls=server, rejoin_wait_s=0.5)
+    address = f"127.0.0.1:{transport.port}"
+    raw = RawSite(transport.port, tls["c"], "c")
+
+    def die_mid_upload() -> None:
+        task = raw.next_kind(Kind.TASK)
+        msg = Message(Kind.REPLY, "c", task.round_idx, payload=payloads["c"], nonce=task.nonce)
+        raw.send(list(frames.to_frames(msg, 1 << 20))[:1])  # 1 MiB of 2
+        raw.outbox.put(None)  # its stream ends there, after that chunk was delivered
+
+    with ThreadPoolExecutor(4) as pool, caplog.at_level("INFO"):
+        for s in ("a", "b", "d"):
+            pool.submit(serve_site, address, s,
+                        lambda name, setup: lambda task: payloads[name], tls=tls[s])
+        try:
+            assert sorted(transport.start(list(sites), b"")) == list(sites)
+            raw.next_kind(Kind.WELCOME)
+            pool.submit(die_mid_upload)
+            updates, got = gather_streamed(job, transport, 3, dict.fromkeys(sites, b"go"), like,
+                                           tmp_path)
+        finally:
+            transport.close()
+            raw.close()
+    assert "site c: upload cut off after 1048576 of" in caplog.text
+    assert [u.site for u in updates] == ["b", "d"] and got["dropped"] == ["c", "a"]
+    assert re.search(r"site a: the coordinator rejected its reply for round 3: .*NaN",
+                     caplog.text)  # a was told why
+    assert "the part of a's update already summed was taken back out" in caplog.text
+    assert "the part of c's update already summed was taken back out" in caplog.text
+    expected = weighted_mean([deltas["b"], deltas["d"]], [20.0, 60.0])["v"]
+    torch.testing.assert_close(got["mean"]["v"], expected, rtol=0, atol=1e-6)
+    assert [p.name for p in tmp_path.iterdir() if "undo" in p.name] == []
 
 
 # ---- the coordinator's memory, measured in a real process ---------------------------------

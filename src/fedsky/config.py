@@ -406,8 +406,13 @@ class CoordinatorConfig(Strict):
     # Reject an update whose L2 norm (over all its tensors) is above this; None: no bound
     max_update_norm: float | None = Field(None, gt=0)
     # Fold each update into one running sum as its chunks arrive (memory: one model, not one
-    # per site); FedAvg/FedOpt with plain fp32 uplinks only, others buffer (fedsky.streaming)
+    # per site); FedAvg/FedOpt with plain fp32 uplinks, and masked secure rounds; others
+    # buffer (fedsky.streaming)
     streaming: bool = False
+    # Streaming: keep each upload's folded values in an unlinked file in output_dir (page
+    # cache, not memory) so an update refused after part of it was summed is subtracted
+    # again and the round goes on; false saves that write, and such an update voids the round
+    streaming_undo: bool = True
     cloud: Cloud | None = None  # where the coordinator runs: prices the downlink's egress
     egress_usd_per_gb: float | None = Field(None, ge=0)  # overrides the preset
 

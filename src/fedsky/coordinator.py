@@ -120,11 +120,15 @@ def gather_updates(job: JobConfig, transport: Transport, r: int, tasks: dict[str
 
 
 def gather_streamed(job: JobConfig, transport: Transport, r: int, tasks: dict[str, bytes],
-                    global_params: Params) -> tuple[list[SiteUpdate], dict[str, Any]]:
+                    global_params: Params, spill_dir: Path | None = None,
+                    ) -> tuple[list[SiteUpdate], dict[str, Any]]:
     """The plain round with streaming aggregation (`fedsky.streaming`): each reply is folded
-    into one running sum as it arrives; `got["mean"]` is the weighted mean delta, or None with
-    `got["void"]` saying why when part of a refused update had been summed."""
-    acc = RoundSum(global_params, r, job.strategy, job.coordinator.max_update_norm)
+    into one running sum as it arrives; `got["mean"]` is the accepted sites' weighted mean
+    delta (None when there are none). A refused update is left out as on the buffered path:
+    what of it had been folded is subtracted again, from its undo log in `spill_dir`
+    (with `coordinator.streaming_undo` off, `got["void"]` says why the round is void)."""
+    acc = RoundSum(global_params, r, job.strategy, job.coordinator.max_update_norm, spill_dir,
+                   job.coordinator.streaming_undo)
     results = transport.exchange(r, tasks, job.coordinator.round_deadline_s, sink=acc.open)
     bandwidth = {s.name: s.profile.bandwidth_mbps for s in job.sites}  # declared, Mbit/s
     updates: list[SiteUpdate] = []
@@ -140,13 +144,16 @@ def gather_streamed(job: JobConfig, transport: Transport, r: int, tasks: dict[st
             continue
         updates.append(site_update(site, res.header, {}, bandwidth[site]))
     accepted = {u.site for u in updates}
-    void = acc.void_reason(accepted)
+    acc.uploads.settle(accepted)  # takes back what refused uploads had folded
+    for site, why in acc.uploads.undone.items():
+        log.info("round %d: the part of %s's update already summed was taken back out (%s)",
+                 r, site, why)
     return updates, {
         "replies": results,
         "dropped": [s for s in tasks if s not in results] + sorted(rejected),
         "bytes_up": {s: results[s].size for s in tasks if s in results},
-        "void": void,
-        "mean": acc.mean(accepted) if updates and void is None else None,
+        "void": acc.uploads.void,
+        "mean": acc.mean(accepted) if updates and acc.uploads.void is None else None,
     }
 
 
@@ -182,7 +189,8 @@ def run_rounds(
         mean, void = None, None
         if job.secure is None:
             if streamed:
-                updates, got = gather_streamed(job, transport, r, tasks, global_params)
+                updates, got = gather_streamed(job, transport, r, tasks, global_params,
+                                               ctx.checkpoint_path.parent)
                 mean, void = got["mean"], got["void"]
             else:
                 updates, got = gather_updates(job, transport, r, tasks, global_params,
@@ -190,7 +198,8 @@ def run_rounds(
             replies, dropped, bytes_up = got["replies"], got["dropped"], got["bytes_up"]
             bytes_down = {s: len(tasks[s]) for s in selected}
         else:
-            sec = run_secure_round(job, transport, r, tasks, global_params, he_public)
+            sec = run_secure_round(job, transport, r, tasks, global_params, he_public,
+                                   streamed, ctx.checkpoint_path.parent)
             replies, updates, mean = sec.trained, sec.updates, sec.mean
             dropped, bytes_up, bytes_down = list(sec.dropped), sec.bytes_up, sec.bytes_down
         downlink.confirm(replies)
@@ -222,7 +231,7 @@ def run_rounds(
             weights = ctx.strategy.weights(updates, state)
             global_params, state = ctx.strategy.aggregate(global_params, updates, state)
         else:  # streamed: the weights came with the sum; secure: the coordinator never saw them
-            weights = (ctx.strategy.weights(updates, state) if streamed
+            weights = (ctx.strategy.weights(updates, state) if job.secure is None
                        else {u.site: math.nan for u in updates})
             global_params, state = ctx.strategy.step(global_params, mean, state, updates)
         round_s = time.perf_counter() - t0

@@ -94,13 +94,21 @@ def unseal(own: KeyPair, peer_public: bytes, sealed: bytes, context: str) -> byt
 
 # ---- the pseudo-random masks ----------------------------------------------------------------
 
-def prg(seed: bytes, length: int, bits: int, stream: int = 0) -> np.ndarray:
-    """`length` uniform integers mod 2^bits from a 32-byte seed (ChaCha20 keystream)."""
-    out = np.zeros(length, dtype=DTYPES[bits])
-    nonce = stream.to_bytes(16, "little")
+def prg(seed: bytes, length: int, bits: int, stream: int = 0, offset: int = 0) -> np.ndarray:
+    """Integers `offset` .. `offset + length` of a uniform sequence mod 2^bits drawn from a
+    32-byte seed (ChaCha20 keystream): a block of the sequence costs only that block.
+
+    `stream` picks an independent sequence: it is ChaCha20's 96-bit nonce, and the 32-bit
+    block counter (the first 4 bytes of the cryptography library's 16-byte "nonce") the
+    position, so two streams never share keystream (2^32 64-byte blocks: 256 GiB each)."""
+    itemsize = np.dtype(DTYPES[bits]).itemsize
+    first = offset * itemsize
+    skip = first % 64  # a multiple of itemsize: the view below stays aligned
+    buf = np.zeros(skip + length * itemsize, dtype=np.uint8)
+    nonce = (first // 64).to_bytes(4, "little") + stream.to_bytes(12, "little")
     enc = Cipher(algorithms.ChaCha20(seed, nonce), mode=None).encryptor()
-    enc.update_into(out.view(np.uint8), out.view(np.uint8))  # keystream XOR zeros, in place
-    return out
+    enc.update_into(buf, buf)  # keystream XOR zeros, in place
+    return buf[skip:].view(DTYPES[bits])
 
 
 def pair_seed(own: KeyPair, peer_public: bytes, tag: str) -> bytes:
@@ -125,19 +133,21 @@ def mask(values: np.ndarray, me: str, mask_keys: KeyPair, peers: dict[str, bytes
 
 
 def unmask(total: np.ndarray, self_seeds: list[bytes], dropped: dict[str, bytes],
-           survivors: dict[str, bytes], bits: int, tag: str, stream: int = 0) -> np.ndarray:
+           survivors: dict[str, bytes], bits: int, tag: str, stream: int = 0,
+           offset: int = 0) -> np.ndarray:
     """Remove the survivors' self masks and the pairwise masks they share with dropped sites.
 
     `dropped` maps a dropped site to its reconstructed masking secret; `survivors` maps a
-    survivor to its masking public key.
+    survivor to its masking public key. `total` may be a block of the sum: its values
+    `offset` .. `offset + len(total)`.
     """
     out = total.copy()
     for seed in self_seeds:
-        out -= prg(seed, len(out), bits, stream)
+        out -= prg(seed, len(out), bits, stream, offset)
     for gone, secret in dropped.items():
         keys = KeyPair.from_secret(secret)
         for site, public in survivors.items():
-            m = prg(pair_seed(keys, public, tag), len(out), bits, stream)
+            m = prg(pair_seed(keys, public, tag), len(out), bits, stream, offset)
             # The survivor added +m if site < gone, else -m: take it back out.
             if site < gone:
                 out -= m

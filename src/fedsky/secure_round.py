@@ -16,7 +16,9 @@ The site's half is `fedsky.secure_site`; the crypto is `fedsky.secagg` and `feds
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,6 @@ from fedsky.errors import FedskyError
 from fedsky.secure_site import (
     PHASES,
     SETUP_PHASES,
-    mask_ranges,
     randk_support,
     round_tag,
     routes,
@@ -37,11 +38,12 @@ from fedsky.secure_site import (
     weight_route,
 )
 from fedsky.strategies import Params, SiteUpdate
-from fedsky.transport.base import Transport
+from fedsky.streaming import Streamed
+from fedsky.streaming_masked import MaskedSum
+from fedsky.transport.base import PayloadSink, Transport
 from fedsky.wire import pack, unpack
 
 log = logging.getLogger("fedsky.secure")
-
 
 
 def tag(round_idx: int, phase: str) -> int:
@@ -71,8 +73,7 @@ class Phase:
         replies = self.transport.exchange(tag(round_idx, phase), tasks, self.deadline_s)
         if phase == "train":  # the sites that now hold this round's model (the downlink)
             self.out.trained = replies
-        for s, t in tasks.items():
-            self.out.bytes_down[s] = self.out.bytes_down.get(s, 0) + len(t)
+        self._sent(tasks)
         got: dict[str, tuple] = {}
         for s in tasks:  # config order
             if s not in replies:
@@ -95,11 +96,40 @@ class Phase:
             got[s] = (tensors, header)
         return got
 
+    def stream(self, round_idx: int, phase: str, tasks: dict[str, bytes],
+               sink: Callable[[str], PayloadSink]) -> dict[str, Streamed]:
+        """`run` for a phase whose replies go into `sink` chunk by chunk as they arrive
+        (`fedsky.streaming_masked`): what the well-formed replies' sinks returned, by site."""
+        replies = self.transport.exchange(tag(round_idx, phase), tasks, self.deadline_s,
+                                          sink=sink)
+        self._sent(tasks)
+        got: dict[str, Streamed] = {}
+        for s in tasks:  # config order
+            res = replies.get(s)
+            if res is None:
+                self.out.dropped.setdefault(s, f"no {phase} reply")
+                continue
+            self.out.bytes_up[s] = self.out.bytes_up.get(s, 0) + res.size
+            if res.error is not None:
+                log.warning("round %d: %s reply from %s rejected: %s", round_idx, phase, s,
+                            res.error)
+                self.out.dropped.setdefault(s, f"bad {phase} reply: {res.error}")
+                continue
+            got[s] = res
+        return got
+
+    def _sent(self, tasks: dict[str, bytes]) -> None:
+        for s, t in tasks.items():
+            self.out.bytes_down[s] = self.out.bytes_down.get(s, 0) + len(t)
+
 
 def run_secure_round(job: JobConfig, transport: Transport, round_idx: int,
                      train_tasks: dict[str, bytes], global_params: Params,
-                     he_public: Any = None) -> SecureOutcome:
-    """One secure round over `train_tasks`' sites; see the module docstring."""
+                     he_public: Any = None, streamed: bool = False,
+                     spill_dir: Path | None = None) -> SecureOutcome:
+    """One secure round over `train_tasks`' sites; see the module docstring. `streamed`: the
+    masked replies are summed as they arrive (`fedsky.streaming_masked`; undo logs in
+    `spill_dir`), not each held whole until all are in."""
     sec = job.secure
     assert sec is not None
     r = round_idx
@@ -132,21 +162,31 @@ def run_secure_round(job: JobConfig, transport: Transport, round_idx: int,
     tasks = {s: pack({}, {"round": r, "phase": "masked", "cohort": u2, "ranges": ranges,
                           "weight_exp": weight_exp,
                           "sealed": {u: sealed[u][s] for u in u2 if u != s}}) for s in u2}
-    got = phase.run(r, "masked", tasks)
     chosen = randk_support(job, global_params, by_route, r)
     length = sum(global_params[n].numel() for n in by_route["mask"]) if chosen is None \
         else int(chosen.sum())
-    inputs = {}
-    for s, (tensors, header) in got.items():
-        try:
-            inputs[s] = _check_masked(job, by_route, length, global_params, tensors, header)
-        except FedskyError as err:
-            log.warning("round %d: masked update from %s rejected: %s", r, s, err)
-            out.dropped.setdefault(s, f"bad masked reply: {err}")
-    u3 = [s for s in u2 if s in inputs]
+    if streamed:
+        acc = MaskedSum(job, global_params, r, length, spill_dir)
+        counted = set(acc.settle(phase.stream(r, "masked", tasks, acc.open)))
+        for s, why in acc.uploads.undone.items():
+            log.info("round %d: the part of %s's masked reply already summed was taken back "
+                     "out (%s)", r, s, why)
+        u3 = [s for s in u2 if s in counted]
+        sums = acc.sums
+    else:
+        got = phase.run(r, "masked", tasks)
+        inputs = {}
+        for s, (tensors, header) in got.items():
+            try:
+                inputs[s] = _check_masked(job, by_route, length, global_params, tensors, header)
+            except FedskyError as err:
+                log.warning("round %d: masked update from %s rejected: %s", r, s, err)
+                out.dropped.setdefault(s, f"bad masked reply: {err}")
+        u3 = [s for s in u2 if s in inputs]
     if len(u3) < threshold:
         return _fail(out, f"{len(u3)} masked update(s); the threshold is {threshold}")
-    sums = _add(job, by_route, {s: inputs[s] for s in u3}, he_public, global_params)
+    if not streamed:
+        sums = _add(job, by_route, {s: inputs[s] for s in u3}, he_public, global_params)
 
     # unmask: survivors' self-mask seeds, dropped sites' masking secrets; one site decrypts
     dropped = [s for s in u2 if s not in u3]
@@ -276,22 +316,13 @@ def _unmask(job: JobConfig, by_route: dict[str, list[str]], global_params: Param
     if weight_sum is None or not weight_sum > 0:
         raise FedskyError(f"the aggregated weight {weight_sum} is not positive")
     if "masked" in sums:
-        total = secagg.unmask(sums["masked"], self_seeds, secrets_of_dropped, survivor_pks,
-                              bits, tag_text, stream=0)
-        levels = secagg.levels_for(bits, cohort)
-        clip = mask_ranges(by_route["mask"], global_params, ranges)
-        chosen = randk_support(job, global_params, by_route, round_idx)
-        values = np.zeros(len(clip))
-        if chosen is None:
-            values = secagg.decode_fixed(total, clip, levels, bits)
-        else:  # only the round's shared support was sent; the rest of the sum is zero
-            values[chosen] = secagg.decode_fixed(total, clip[chosen], levels, bits)
-        at = 0
-        for n in by_route["mask"]:
-            size = global_params[n].numel()
-            mean[n] = torch.from_numpy(values[at:at + size] / weight_sum).reshape(
-                global_params[n].shape)
-            at += size
+        def strip(block: np.ndarray, at: int) -> np.ndarray:
+            return secagg.unmask(block, self_seeds, secrets_of_dropped, survivor_pks, bits,
+                                 tag_text, stream=0, offset=at)
+
+        mean.update(_decode_masked(sums["masked"], strip, by_route["mask"], global_params,
+                                   ranges, secagg.levels_for(bits, cohort), bits, weight_sum,
+                                   randk_support(job, global_params, by_route, round_idx)))
     if he_values is not None:
         at = 0
         for n in by_route["he"]:
@@ -301,6 +332,40 @@ def _unmask(job: JobConfig, by_route: dict[str, list[str]], global_params: Param
     for n in by_route["plain"]:
         mean[n] = sums[f"plain/{n}"] / weight_sum
     return {n: mean[n].to(global_params[n].dtype) for n in global_params}, weight_sum
+
+
+UNMASK_BLOCK = 1 << 20  # masked values unmasked and decoded at a time: bounds the memory
+
+
+def _decode_masked(total: np.ndarray, strip: Callable[[np.ndarray, int], np.ndarray],
+                   names: list[str], like: Params, ranges: dict[str, int], levels: int,
+                   bits: int, weight_sum: float, chosen: np.ndarray | None,
+                   block_values: int = UNMASK_BLOCK) -> Params:
+    """The masked tensors' mean from the masked sum, `block_values` values at a time:
+    `strip(block, offset)` removes the masks of the sum's values offset.. (`secagg.unmask`),
+    then they are decoded from fixed point and divided by the weights' sum. Whole-vector
+    temporaries (int64, fp64: 16 bytes per value) would be several models' worth."""
+    sizes = [like[n].numel() for n in names]
+    ends = np.cumsum(sizes)  # where each tensor's values end in the concatenated vector
+    scales = np.array([2.0 ** int(ranges[n]) for n in names])  # each tensor's clip
+    dtypes = {like[n].dtype for n in names}
+    flat = torch.zeros(int(ends[-1]), dtype=dtypes.pop() if len(dtypes) == 1 else torch.float64)
+    # with randk, only the round's shared support was sent; the rest of the mean is zero
+    where = None if chosen is None else np.flatnonzero(chosen)
+    for at in range(0, len(total), block_values):
+        block = strip(total[at : at + block_values], at)
+        pos = np.arange(at, at + len(block)) if where is None else where[at : at + len(block)]
+        clip = scales[np.searchsorted(ends, pos, side="right")]
+        values = torch.from_numpy(secagg.decode_fixed(block, clip, levels, bits) / weight_sum)
+        if where is None:
+            flat[at : at + len(block)] = values
+        else:
+            flat[torch.from_numpy(pos)] = values.to(flat.dtype)
+    out, start = {}, 0
+    for n, end in zip(names, ends, strict=True):
+        out[n] = flat[start:end].view(like[n].shape)
+        start = int(end)
+    return out
 
 
 def _counters(site: str, header: dict[str, Any]) -> SiteUpdate:
