@@ -19,6 +19,8 @@ hold no copy of it (what lets 3 x 1B parameters fit on this machine). Modes:
   CRC-32s, offsets) with streaming aggregation: each payload is folded into one running sum
   (`fedsky.streaming.RoundSum`: header checks, finite and norm checks, the weighted add) as its
   chunks arrive;
+- `streamed-no-undo`: the same without the undo log (`coordinator.streaming_undo = false`):
+  what the transport costs alone;
 - `buffered`: the same transport reassembling every site's whole payload (no aggregation).
 Each is timed from the moment the coordinator asks to the moment it holds (or has summed) every
 byte. The coordinator's peak RSS is its VmHWM; its idle RSS is taken after the sites joined.
@@ -227,7 +229,8 @@ def grpc_coordinator(n_params: int, pki_dir: str, port_file: str, mode: str,
     Path(port_file).write_text(str(transport.port))
     assert transport.start(list(SITES), b"") == list(SITES)
     # The model's shape only; never touched, so it takes no memory (the sum does).
-    acc = RoundSum({"v": torch.empty(n_params)}, 0, FedAvgConfig()) if mode == "streamed" else None
+    acc = (RoundSum({"v": torch.empty(n_params)}, 0, FedAvgConfig(), undo=mode == "streamed")
+           if mode.startswith("streamed") else None)
     idle_mb = peak_rss_mb()
     started = time.perf_counter()
     replies = transport.exchange(0, {s: b"go" for s in SITES}, deadline_s=3600,
@@ -321,8 +324,8 @@ def main() -> None:
     parser.add_argument("--params", default="100e6,400e6",
                         help="comma-separated parameter counts (float32 each)")
     parser.add_argument("--modes", default="tcp,tls,grpc,streamed,buffered",
-                        help="which of tcp, tls, grpc, streamed, buffered to run (tcp is the "
-                             "baseline)")
+                        help="which of tcp, tls, grpc, streamed, streamed-no-undo, buffered "
+                             "to run (tcp is the baseline)")
     parser.add_argument("--chunk-bytes", type=int, default=1 << 20,
                         help="transport.chunk_bytes for both ends")
     parser.add_argument("--repeats", type=int, default=1,
@@ -366,10 +369,10 @@ def run_size(n_params: int, modes: list[str], tmp: Path, opts: argparse.Namespac
             ratios = [t["seconds"] / g["seconds"] for t, g in zip(runs["tcp"], rs)]
             row[f"{mode}_vs_tcp"] = round(statistics.median(ratios), 3)
         for base in ("tls", "grpc"):
-            if mode in ("streamed", "buffered") and base in runs:
+            if mode not in ("tls", "grpc") and base in runs:
                 ratios = [b["seconds"] / g["seconds"] for b, g in zip(runs[base], rs)]
                 row[f"{mode}_vs_{base}"] = round(statistics.median(ratios), 3)
-        if mode in ("streamed", "buffered"):
+        if mode not in ("tls", "grpc"):
             if "tcp" in runs:
                 row[f"{mode}_meets_throughput_target"] = row[f"{mode}_vs_tcp"] >= 0.7
             row[f"{mode}_idle_rss_mb"] = round(max(r["idle_rss_mb"] for r in rs), 1)
